@@ -1,0 +1,27 @@
+# The two commands of the README. Both build a local virtualenv (.venv) on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: on a CPU machine this is the CPU wheel (an unpinned torch pulls CUDA wheels).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(PY) -m benchmarks --preset cpu-small
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks --preset cpu-issue2
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,330 @@
+"""Public functions: validate (SPEC 7), build the token plan, dispatch to a backend.
+
+Shapes (SPEC 6): padded ``[S, T, ...]`` with labels ``[S, T]``, or packed ``[N, ...]`` with labels
+``[N]`` and ``cu_seqlens [S+1]`` int32. For the preference losses S = 2P: rows ``0..P-1`` are the
+chosen sequences, ``P..2P-1`` the rejected ones, pair i = (i, P+i).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import reference as ref_impl
+from .autograd import ClosedFormLoss, LinearSequenceLogprobs, LogitsSequenceLogprobs
+from .backends import get_backend, resolve_backend_name
+from .config import PreferenceLossConfig
+from .layout import TokenPlan, build_plan, check_float
+from .output import PreferenceLossOutput, SequenceLogprobs
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------------------------
+
+def _check_logits(logits, cu_seqlens):
+    check_float("logits", logits)
+    want = 2 if cu_seqlens is not None else 3
+    if logits.dim() != want:
+        layout = "packed [N, V] (cu_seqlens given)" if cu_seqlens is not None else "padded [S, T, V]"
+        raise ValueError(f"logits must be {layout}, got shape {tuple(logits.shape)}")
+
+
+def _check_linear(hidden, weight, bias, cu_seqlens, prefix=""):
+    check_float(f"{prefix}hidden", hidden)
+    want = 2 if cu_seqlens is not None else 3
+    if hidden.dim() != want:
+        layout = "packed [N, H] (cu_seqlens given)" if cu_seqlens is not None else "padded [S, T, H]"
+        raise ValueError(f"{prefix}hidden must be {layout}, got shape {tuple(hidden.shape)}")
+    check_float(f"{prefix}weight", weight, hidden.device)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}weight must be [V, H] with H={hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}weight dtype {weight.dtype} differs from {prefix}hidden dtype {hidden.dtype}")
+    if bias is not None:
+        check_float(f"{prefix}bias", bias, hidden.device)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def _resolve_config(config: Optional[PreferenceLossConfig], options: dict) -> PreferenceLossConfig:
+    if config is None:
+        return PreferenceLossConfig(**options)
+    if not isinstance(config, PreferenceLossConfig):
+        raise TypeError(f"config must be a PreferenceLossConfig, got {type(config).__name__}")
+    return config.replace(**options) if options else config
+
+
+def _check_per_seq(name, x, num, device):
+    check_float(name, x, device)
+    if tuple(x.shape) != (num,):
+        raise ValueError(f"{name} must have shape [{num}], got {tuple(x.shape)}")
+
+
+def _resolve_anchor(spo_anchor, cfg: PreferenceLossConfig, P: int, device):
+    """Returns (config with the anchor kind, anchor tensor or None when it comes from the reference)."""
+    if isinstance(spo_anchor, torch.Tensor):
+        _check_per_seq("spo_anchor", spo_anchor, P, device)
+        return cfg, spo_anchor
+    if spo_anchor is not None:
+        if spo_anchor not in ("reference", "one_step"):
+            raise ValueError(f"spo_anchor must be 'reference', 'one_step' or a [P] tensor, got {spo_anchor!r}")
+        cfg = cfg.replace(spo_anchor=spo_anchor)
+    if cfg.spo_lambda > 0 and cfg.spo_anchor == "one_step":
+        raise ValueError("spo_anchor='one_step' needs the anchor values: pass spo_anchor=<[P] tensor of the chosen "
+                         "log-probs after one SFT step> (training.one_step_anchor computes it)")
+    return cfg, None
+
+
+def _anchor_from_reference(cfg, ref_logps, counts, P):
+    if cfg.spo_normalize == "mean":
+        return ref_logps[:P] / counts[:P].clamp(min=1).to(ref_logps.dtype)
+    return ref_logps[:P]
+
+
+# ---------------------------------------------------------------------------------------------
+# primitives
+# ---------------------------------------------------------------------------------------------
+
+def sequence_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    backend: Optional[str] = None,
+    inplace_backward: bool = True,
+) -> SequenceLogprobs:
+    """Per-sequence summed completion log-probs from logits, differentiable.
+
+    Args:
+        logits: ``[S, T, V]`` (padded) or ``[N, V]`` (packed), fp32/bf16/fp16 (float64 for tests).
+        labels: ``[S, T]`` or ``[N]`` integer targets aligned to positions; ``ignore_index`` outside
+            completions.
+        cu_seqlens: ``[S+1]`` int32 for the packed layout.
+        inplace_backward: backward writes dlogits into ``logits``'s own buffer (no second ``[N, V]``
+            tensor); the logits are then gone. Pass False to allocate the gradient instead.
+    Returns:
+        :class:`SequenceLogprobs` with ``logps [S]`` fp32 and ``counts [S]`` int64.
+    """
+    _check_logits(logits, cu_seqlens)
+    plan = build_plan(labels, logits.shape[-1], ignore_index, logits.shape[:-1], logits.device,
+                      cu_seqlens, pairs=False)
+    PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)  # validates
+    logps = _logits_logprobs(logits, plan, backend, softcap, temperature, inplace_backward, labels, cu_seqlens,
+                             ignore_index)
+    return SequenceLogprobs(logps=logps, counts=plan.counts)
+
+
+def fused_linear_sequence_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    backend: Optional[str] = None,
+) -> SequenceLogprobs:
+    """Per-sequence summed completion log-probs of ``logits = hidden @ weight.T + bias``, without
+    materializing the logits; differentiable w.r.t. hidden, weight and bias with any upstream gradient.
+
+    Args:
+        hidden: ``[S, T, H]`` or packed ``[N, H]``; weight: ``[V, H]`` same dtype; bias: ``[V]`` or None.
+        labels, cu_seqlens, ignore_index, softcap, temperature: as in :func:`sequence_logprobs`.
+    Returns:
+        :class:`SequenceLogprobs` with ``logps [S]`` fp32 and ``counts [S]`` int64.
+    """
+    _check_linear(hidden, weight, bias, cu_seqlens)
+    plan = build_plan(labels, weight.shape[0], ignore_index, hidden.shape[:-1], hidden.device,
+                      cu_seqlens, pairs=False)
+    PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)
+    logps = _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens,
+                             ignore_index)
+    return SequenceLogprobs(logps=logps, counts=plan.counts)
+
+
+def _logits_logprobs(logits, plan, backend, softcap, temperature, inplace, labels, cu_seqlens, ignore_index):
+    name = resolve_backend_name(backend, logits.device)
+    if name == "reference":
+        tok = ref_impl.reference_token_logprobs(logits, labels, ignore_index, softcap, temperature)
+        return ref_impl.reference_sequence_logprobs(tok, labels, ignore_index, cu_seqlens)[0]
+    impl = get_backend(name)
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        return impl.logits_forward(logits.reshape(plan.num_rows, logits.shape[-1]), plan, softcap, temperature)[0]
+    return LogitsSequenceLogprobs.apply(logits, plan, impl, softcap, temperature, inplace)
+
+
+def _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens, ignore_index):
+    name = resolve_backend_name(backend, hidden.device)
+    if name == "reference":
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        z = hidden.to(dtype) @ weight.to(dtype).t()
+        if bias is not None:
+            z = z + bias.to(dtype)
+        tok = ref_impl.reference_token_logprobs(z, labels, ignore_index, softcap, temperature)
+        return ref_impl.reference_sequence_logprobs(tok, labels, ignore_index, cu_seqlens)[0]
+    impl = get_backend(name)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not needs_grad:
+        return impl.linear_forward(hidden.reshape(plan.num_rows, hidden.shape[-1]), weight, bias, plan,
+                                   softcap, temperature, save_lse=False)[0]
+    return LinearSequenceLogprobs.apply(hidden, weight, bias, plan, impl, softcap, temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# preference losses
+# ---------------------------------------------------------------------------------------------
+
+def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, backend_name) -> PreferenceLossOutput:
+    P = plan.num_seqs // 2
+    counts = plan.counts
+    if ref_logps is not None:
+        ref_logps = ref_logps.detach()
+    if anchor is None and cfg.spo_anchor == "reference" and ref_logps is not None:
+        anchor = _anchor_from_reference(cfg, ref_logps, counts, P)
+    if backend_name == "reference":
+        loss = ref_impl.reference_pair_loss(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
+        metrics = ref_impl.reference_metrics(policy_logps, counts, ref_logps, cfg, anchor)
+    else:
+        step = get_backend(backend_name).loss_step(policy_logps.detach(), counts, ref_logps, cfg, anchor, bco_delta)
+        loss = ClosedFormLoss.apply(policy_logps, step.loss, step.grad) if policy_logps.requires_grad else step.loss
+        metrics = step.metrics
+    return PreferenceLossOutput(loss=loss, metrics=metrics, policy_logps=policy_logps.detach(),
+                                ref_logps=ref_logps, counts=counts)
+
+
+def _prepare(cfg, plan, device, ref_logps, has_ref_inputs, spo_anchor, bco_delta):
+    P = plan.num_seqs // 2
+    cfg, anchor = _resolve_anchor(spo_anchor, cfg, P, device)
+    if ref_logps is not None:
+        if has_ref_inputs:
+            raise ValueError("pass either ref_logps or the reference model's inputs, not both")
+        _check_per_seq("ref_logps", ref_logps, plan.num_seqs, device)
+    needs_ref = cfg.loss_type not in ("simpo", "cpo") and not cfg.reference_free
+    if needs_ref and ref_logps is None and not has_ref_inputs:
+        raise ValueError(f"loss_type={cfg.loss_type!r} needs reference log-probs: pass ref_logps [2P] or the "
+                         f"reference model's inputs (or set reference_free=True)")
+    if cfg.spo_lambda > 0 and anchor is None and ref_logps is None and not has_ref_inputs:
+        raise ValueError("spo_anchor='reference' needs reference log-probs (ref_logps or the reference model's "
+                         "inputs), even with reference_free=True or a reference-free loss; or pass spo_anchor as "
+                         "a [P] tensor")
+    if bco_delta is not None:
+        check_float("bco_delta", bco_delta, device)
+        if bco_delta.numel() != 1:
+            raise ValueError(f"bco_delta must be a scalar tensor, got shape {tuple(bco_delta.shape)}")
+    return cfg, anchor
+
+
+def preference_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    ref_logits: Optional[Tensor] = None,
+    spo_anchor: Union[str, Tensor, None] = None,
+    config: Optional[PreferenceLossConfig] = None,
+    backend: Optional[str] = None,
+    inplace_backward: bool = True,
+    bco_delta: Optional[Tensor] = None,
+    **options,
+) -> PreferenceLossOutput:
+    """DPO-family / SPO loss from logits the caller already has (SPEC 1, logits path).
+
+    Args:
+        logits: ``[2P, T, V]`` padded or ``[N, V]`` packed (with ``cu_seqlens [2P+1]`` int32); chosen
+            sequences first. bf16/fp16/fp32.
+        labels: ``[2P, T]`` / ``[N]`` targets aligned to positions, ``ignore_index`` outside completions.
+        ref_logps: ``[2P]`` precomputed summed reference log-probs; or ``ref_logits`` (same shape as
+            ``logits``, read forward-only).
+        spo_anchor: "reference", "one_step" or a ``[P]`` tensor (SPEC 4); default from the config.
+        config / **options: :class:`PreferenceLossConfig` fields (``beta=0.1, loss_type="sigmoid", ...``).
+        inplace_backward: write dlogits into the logits buffer during backward (default; no extra
+            ``[N, V]`` tensor, the logits are overwritten).
+        bco_delta: reward shift for ``bco_pair`` (default: the batch mean).
+    Returns:
+        :class:`PreferenceLossOutput`: ``loss`` plus the TRL-named metrics.
+    """
+    cfg = _resolve_config(config, options)
+    _check_logits(logits, cu_seqlens)
+    plan = build_plan(labels, logits.shape[-1], cfg.ignore_index, logits.shape[:-1], logits.device, cu_seqlens)
+    if ref_logits is not None:
+        check_float("ref_logits", ref_logits, logits.device)
+        if ref_logits.shape != logits.shape:
+            raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
+                             f"got {tuple(ref_logits.shape)}")
+    cfg, anchor = _prepare(cfg, plan, logits.device, ref_logps, ref_logits is not None, spo_anchor, bco_delta)
+    name = resolve_backend_name(backend, logits.device)
+    if ref_logits is not None:
+        with torch.no_grad():
+            ref_logps = _logits_logprobs(ref_logits, plan, name, cfg.softcap, cfg.temperature, False, labels,
+                                         cu_seqlens, cfg.ignore_index)
+    policy = _logits_logprobs(logits, plan, name, cfg.softcap, cfg.temperature, inplace_backward, labels,
+                              cu_seqlens, cfg.ignore_index)
+    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name)
+
+
+def fused_linear_preference_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    spo_anchor: Union[str, Tensor, None] = None,
+    config: Optional[PreferenceLossConfig] = None,
+    backend: Optional[str] = None,
+    bco_delta: Optional[Tensor] = None,
+    **options,
+) -> PreferenceLossOutput:
+    """DPO-family / SPO loss from hidden states and the LM head; logits are never materialized
+    (SPEC 1, fused-linear path).
+
+    Args:
+        hidden: ``[2P, T, H]`` padded or ``[N, H]`` packed (with ``cu_seqlens [2P+1]`` int32), chosen first.
+        weight: the LM head ``[V, H]`` (same dtype as hidden); bias: ``[V]`` or None.
+        labels: ``[2P, T]`` / ``[N]`` targets aligned to positions, ``ignore_index`` outside completions.
+        ref_logps: ``[2P]`` precomputed summed reference log-probs, or
+        ref_hidden / ref_weight / ref_bias: the reference model's final hidden states (same shape as
+            hidden) and head, computed forward-only; ``ref_weight`` defaults to ``weight`` and
+            ``ref_bias`` to ``bias`` (a frozen shared head, as with LoRA).
+        spo_anchor, config, **options, bco_delta: as in :func:`preference_loss`.
+    Returns:
+        :class:`PreferenceLossOutput`.
+    """
+    cfg = _resolve_config(config, options)
+    _check_linear(hidden, weight, bias, cu_seqlens)
+    plan = build_plan(labels, weight.shape[0], cfg.ignore_index, hidden.shape[:-1], hidden.device, cu_seqlens)
+    has_ref_inputs = ref_hidden is not None
+    if not has_ref_inputs and (ref_weight is not None or ref_bias is not None):
+        raise ValueError("ref_weight / ref_bias need ref_hidden")
+    if has_ref_inputs:
+        ref_weight = weight if ref_weight is None else ref_weight
+        ref_bias = bias if (ref_bias is None and ref_weight is weight) else ref_bias
+        _check_linear(ref_hidden, ref_weight, ref_bias, cu_seqlens, prefix="ref_")
+        if ref_hidden.shape != hidden.shape:
+            raise ValueError(f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}")
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight must have V={weight.shape[0]} rows, got {ref_weight.shape[0]}")
+    cfg, anchor = _prepare(cfg, plan, hidden.device, ref_logps, has_ref_inputs, spo_anchor, bco_delta)
+    name = resolve_backend_name(backend, hidden.device)
+    if has_ref_inputs:
+        with torch.no_grad():
+            ref_logps = _linear_logprobs(ref_hidden, ref_weight, ref_bias, plan, name, cfg.softcap,
+                                         cfg.temperature, labels, cu_seqlens, cfg.ignore_index)
+    policy = _linear_logprobs(hidden, weight, bias, plan, name, cfg.softcap, cfg.temperature, labels, cu_seqlens,
+                              cfg.ignore_index)
+    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name)

@@ -1,0 +1,128 @@
+"""The ``torch`` backend: chunked PyTorch over completion tokens only, any device.
+
+Never holds more than one chunk of ``[rows, V]`` logits (about ``$SPO_KERNELS_CHUNK_MB`` MiB in fp32,
+default 64), skips ignored tokens entirely, and uses the closed-form gradient
+``g_s * (onehot(y) - softmax(z))`` instead of an autograd graph over the vocabulary. dW and db are
+accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import Backend, LinearGrads
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_rows(vocab: int) -> int:
+    budget = float(os.environ.get("SPO_KERNELS_CHUNK_MB", "64")) * 2**20
+    return max(1, int(budget // (vocab * 4)))
+
+
+def _transform(z: torch.Tensor, softcap, temperature):
+    """Apply SPEC 2's transform in place; return ``dz_final/dz_raw`` (or None when it is 1)."""
+    chain = None
+    if softcap is not None:
+        z.div_(softcap).tanh_()
+        chain = 1 - z * z  # d/dz c*tanh(z/c) = 1 - tanh^2
+        z.mul_(softcap)
+    if temperature != 1.0:
+        z.div_(temperature)
+        chain = (chain if chain is not None else torch.ones_like(z)).div_(temperature)
+    return chain
+
+
+def _grad_logits(z: torch.Tensor, targets, lse, g_tok, chain):
+    """In place: ``z <- g * (onehot(y) - exp(z - lse)) * chain`` (z is the transformed fp32 tile)."""
+    z.sub_(lse[:, None]).exp_().mul_(-g_tok[:, None])
+    z[torch.arange(z.shape[0], device=z.device), targets] += g_tok
+    if chain is not None:
+        z.mul_(chain)
+    return z
+
+
+def _chunks(plan, vocab):
+    step = _chunk_rows(vocab)
+    for start in range(0, plan.num_tokens, step):
+        end = min(start + step, plan.num_tokens)
+        yield start, end, plan.token_idx[start:end], plan.targets[start:end]
+
+
+class TorchChunkedBackend(Backend):
+    name = "torch"
+
+    # ---- logits path -------------------------------------------------------------------------
+    def logits_forward(self, logits, plan, softcap, temperature):
+        acc = _acc_dtype(logits.dtype)
+        lse = torch.empty(plan.num_tokens, dtype=acc, device=logits.device)
+        logp = torch.empty_like(lse)
+        for start, end, rows, tgt in _chunks(plan, logits.shape[1]):
+            z = logits.index_select(0, rows).to(acc)
+            _transform(z, softcap, temperature)
+            lse[start:end] = torch.logsumexp(z, dim=1)
+            logp[start:end] = z.gather(1, tgt[:, None]).squeeze(1) - lse[start:end]
+        seq = torch.zeros(plan.num_seqs, dtype=acc, device=logits.device).index_add_(0, plan.seq_id, logp)
+        return seq, lse
+
+    def logits_backward(self, logits, plan, softcap, temperature, lse, grad_seq, out):
+        acc = _acc_dtype(logits.dtype)
+        g_tok = grad_seq.to(acc)[plan.seq_id]
+        # Rows outside the plan get 0. Plan rows are read before being overwritten, chunk by chunk,
+        # so ``out`` may alias ``logits``.
+        keep = torch.ones(plan.num_rows, dtype=torch.bool, device=logits.device)
+        keep[plan.token_idx] = False
+        out[keep] = 0
+        for start, end, rows, tgt in _chunks(plan, logits.shape[1]):
+            z = logits.index_select(0, rows).to(acc)
+            chain = _transform(z, softcap, temperature)
+            _grad_logits(z, tgt, lse[start:end], g_tok[start:end], chain)
+            out.index_copy_(0, rows, z.to(out.dtype))
+
+    # ---- fused-linear path -------------------------------------------------------------------
+    @staticmethod
+    def _logits_tile(h, weight, bias, acc):
+        z = (h @ weight.t()).to(acc)
+        if bias is not None:
+            z += bias.to(acc)
+        return z
+
+    def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
+        acc = _acc_dtype(hidden.dtype)
+        lse = torch.empty(plan.num_tokens, dtype=acc, device=hidden.device)
+        logp = torch.empty_like(lse)
+        for start, end, rows, tgt in _chunks(plan, weight.shape[0]):
+            z = self._logits_tile(hidden.index_select(0, rows), weight, bias, acc)
+            _transform(z, softcap, temperature)
+            lse[start:end] = torch.logsumexp(z, dim=1)
+            logp[start:end] = z.gather(1, tgt[:, None]).squeeze(1) - lse[start:end]
+        seq = torch.zeros(plan.num_seqs, dtype=acc, device=hidden.device).index_add_(0, plan.seq_id, logp)
+        return seq, (lse if save_lse else None)
+
+    def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
+                        need_hidden, need_weight, need_bias):
+        acc = _acc_dtype(hidden.dtype)
+        g_tok = grad_seq.to(acc)[plan.seq_id]
+        dh = torch.zeros_like(hidden) if need_hidden else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
+        for start, end, rows, tgt in _chunks(plan, weight.shape[0]):
+            h = hidden.index_select(0, rows)
+            z = self._logits_tile(h, weight, bias, acc)
+            chain = _transform(z, softcap, temperature)
+            dz = _grad_logits(z, tgt, lse[start:end], g_tok[start:end], chain)
+            if dh is not None:
+                dh.index_copy_(0, rows, (dz.to(weight.dtype) @ weight).to(dh.dtype))
+            if dw is not None:
+                dw.addmm_(dz.t(), h.to(acc))
+            if db is not None:
+                db += dz.sum(0)
+        return LinearGrads(
+            hidden=dh,
+            weight=None if dw is None else dw.to(weight.dtype),
+            bias=None if db is None else db.to(bias.dtype),
+        )

@@ -1,0 +1,39 @@
+"""The ``triton`` backend: thin dispatch to the kernel files in :mod:`spo_kernels.kernels`.
+
+One op per kernel file, host launcher beside its kernels:
+- ``kernels/logits_logprobs.py``: logits path, forward (LSE + target gather + sequence sums) and the
+  in-place backward;
+- ``kernels/linear_logprobs.py``: fused-linear path, forward and backward (logit tiles on chip only);
+- ``kernels/loss_step.py``: the closed-form loss step (loss, g_s, metrics) in one launch.
+Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+from . import Backend
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def loss_step(self, policy_logps, counts, ref_logps, cfg, anchor=None, bco_delta=None):
+        from ..kernels.loss_step import loss_step
+        return loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
+
+    def logits_forward(self, logits, plan, softcap, temperature):
+        from ..kernels.logits_logprobs import logits_forward
+        return logits_forward(logits, plan, softcap, temperature)
+
+    def logits_backward(self, logits, plan, softcap, temperature, lse, grad_seq, out):
+        from ..kernels.logits_logprobs import logits_backward
+        return logits_backward(logits, plan, softcap, temperature, lse, grad_seq, out)
+
+    def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
+        from ..kernels.linear_logprobs import linear_forward
+        return linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
+
+    def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
+                        need_hidden, need_weight, need_bias):
+        from ..kernels.linear_logprobs import linear_backward
+        return linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
+                               need_hidden, need_weight, need_bias)

@@ -1,0 +1,64 @@
+"""``nn.Module`` wrappers: a config, and TRL's running reward mean for ``bco_pair``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .api import fused_linear_preference_loss, preference_loss
+from .config import PreferenceLossConfig
+from .output import PreferenceLossOutput
+
+
+class _PreferenceLossModule(nn.Module):
+    def __init__(self, config: Optional[PreferenceLossConfig] = None, backend: Optional[str] = None, **options):
+        super().__init__()
+        self.config = (config or PreferenceLossConfig()).replace(**options) if options else (config or PreferenceLossConfig())
+        self.backend = backend
+        # bco_pair's reward shift: the running mean of per-step mean rewards, as TRL's RunningMoments.
+        self.register_buffer("bco_mean", torch.zeros((), dtype=torch.float32), persistent=True)
+        self.register_buffer("bco_steps", torch.zeros((), dtype=torch.float32), persistent=True)
+
+    def _bco_delta(self, out_fn):
+        if self.config.loss_type != "bco_pair":
+            return out_fn(None)
+        # One pass tells this step's mean reward; TRL updates the running mean before using it.
+        probe = out_fn(None)
+        step_mean = (probe.metrics["rewards/chosen"] + probe.metrics["rewards/rejected"]) / 2
+        with torch.no_grad():
+            self.bco_steps += 1
+            self.bco_mean += (step_mean.to(self.bco_mean) - self.bco_mean) / self.bco_steps
+        return probe if int(self.bco_steps) == 1 else out_fn(self.bco_mean.clone())
+
+    def extra_repr(self) -> str:
+        return f"loss_type={self.config.loss_type!r}, beta={self.config.beta}, spo_lambda={self.config.spo_lambda}"
+
+
+class FusedLinearPreferenceLoss(_PreferenceLossModule):
+    """Module form of :func:`spo_kernels.fused_linear_preference_loss`.
+
+    ``loss_fn = FusedLinearPreferenceLoss(loss_type="sigmoid", beta=0.1, spo_lambda=1.0)``, then
+    ``out = loss_fn(hidden [2P,T,H], weight [V,H], labels [2P,T], bias=None, ref_hidden=..., ...)``;
+    ``out.loss.backward()``; ``out.metrics`` holds TRL-named metrics.
+    """
+
+    def forward(self, hidden, weight, labels, bias=None, **kwargs) -> PreferenceLossOutput:
+        def run(delta):
+            return fused_linear_preference_loss(hidden, weight, labels, bias, config=self.config,
+                                                backend=self.backend, bco_delta=delta, **kwargs)
+        return self._bco_delta(run)
+
+
+class PreferenceLoss(_PreferenceLossModule):
+    """Module form of :func:`spo_kernels.preference_loss` (logits already computed).
+
+    Note: with ``inplace_backward=True`` (default) the backward overwrites the logits buffer.
+    """
+
+    def forward(self, logits, labels, **kwargs) -> PreferenceLossOutput:
+        def run(delta):
+            return preference_loss(logits, labels, config=self.config, backend=self.backend, bco_delta=delta,
+                                   **kwargs)
+        return self._bco_delta(run)
