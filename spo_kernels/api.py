@@ -132,6 +132,8 @@ def fused_linear_sequence_logprobs(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
     backend: Optional[str] = None,
+    deterministic: bool = False,
+    grad_filter_eps: float = 0.0,
 ) -> SequenceLogprobs:
     """Per-sequence summed completion log-probs of ``logits = hidden @ weight.T + bias``, without
     materializing the logits; differentiable w.r.t. hidden, weight and bias with any upstream gradient.
@@ -139,6 +141,9 @@ def fused_linear_sequence_logprobs(
     Args:
         hidden: ``[S, T, H]`` or packed ``[N, H]``; weight: ``[V, H]`` same dtype; bias: ``[V]`` or None.
         labels, cu_seqlens, ignore_index, softcap, temperature: as in :func:`sequence_logprobs`.
+        deterministic: bitwise-identical gradients across runs (may be slower on GPU).
+        grad_filter_eps: opt-in approximate backward: skip vocabulary tiles whose ``|onehot - softmax|``
+            is below this everywhere (0 = exact, default).
     Returns:
         :class:`SequenceLogprobs` with ``logps [S]`` fp32 and ``counts [S]`` int64.
     """
@@ -146,8 +151,9 @@ def fused_linear_sequence_logprobs(
     plan = build_plan(labels, weight.shape[0], ignore_index, hidden.shape[:-1], hidden.device,
                       cu_seqlens, pairs=False)
     PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)
+    _check_kernel_options(deterministic, grad_filter_eps)
     logps = _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens,
-                             ignore_index)
+                             ignore_index, deterministic, grad_filter_eps)
     return SequenceLogprobs(logps=logps, counts=plan.counts)
 
 
@@ -162,7 +168,16 @@ def _logits_logprobs(logits, plan, backend, softcap, temperature, inplace, label
     return LogitsSequenceLogprobs.apply(logits, plan, impl, softcap, temperature, inplace)
 
 
-def _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens, ignore_index):
+def _check_kernel_options(deterministic, grad_filter_eps):
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)) or not (
+            0.0 <= grad_filter_eps < 1.0):
+        raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
+
+
+def _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens, ignore_index,
+                     deterministic=False, grad_filter_eps=0.0):
     name = resolve_backend_name(backend, hidden.device)
     if name == "reference":
         dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -177,7 +192,8 @@ def _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, 
     if not needs_grad:
         return impl.linear_forward(hidden.reshape(plan.num_rows, hidden.shape[-1]), weight, bias, plan,
                                    softcap, temperature, save_lse=False)[0]
-    return LinearSequenceLogprobs.apply(hidden, weight, bias, plan, impl, softcap, temperature)
+    return LinearSequenceLogprobs.apply(hidden, weight, bias, plan, impl, softcap, temperature,
+                                        deterministic, float(grad_filter_eps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +304,8 @@ def fused_linear_preference_loss(
     config: Optional[PreferenceLossConfig] = None,
     backend: Optional[str] = None,
     bco_delta: Optional[Tensor] = None,
+    deterministic: bool = False,
+    grad_filter_eps: float = 0.0,
     **options,
 ) -> PreferenceLossOutput:
     """DPO-family / SPO loss from hidden states and the LM head; logits are never materialized
@@ -302,11 +320,13 @@ def fused_linear_preference_loss(
             hidden) and head, computed forward-only; ``ref_weight`` defaults to ``weight`` and
             ``ref_bias`` to ``bias`` (a frozen shared head, as with LoRA).
         spo_anchor, config, **options, bco_delta: as in :func:`preference_loss`.
+        deterministic, grad_filter_eps: as in :func:`fused_linear_sequence_logprobs`.
     Returns:
         :class:`PreferenceLossOutput`.
     """
     cfg = _resolve_config(config, options)
     _check_linear(hidden, weight, bias, cu_seqlens)
+    _check_kernel_options(deterministic, grad_filter_eps)
     plan = build_plan(labels, weight.shape[0], cfg.ignore_index, hidden.shape[:-1], hidden.device, cu_seqlens)
     has_ref_inputs = ref_hidden is not None
     if not has_ref_inputs and (ref_weight is not None or ref_bias is not None):
@@ -326,5 +346,5 @@ def fused_linear_preference_loss(
             ref_logps = _linear_logprobs(ref_hidden, ref_weight, ref_bias, plan, name, cfg.softcap,
                                          cfg.temperature, labels, cu_seqlens, cfg.ignore_index)
     policy = _linear_logprobs(hidden, weight, bias, plan, name, cfg.softcap, cfg.temperature, labels, cu_seqlens,
-                              cfg.ignore_index)
+                              cfg.ignore_index, deterministic, grad_filter_eps)
     return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name)

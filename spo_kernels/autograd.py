@@ -45,11 +45,13 @@ class LinearSequenceLogprobs(torch.autograd.Function):
     """``hidden [N, H], weight [V, H], bias [V] -> L [S]``; backward recomputes logits per tile."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend: Backend, softcap, temperature):
+    def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend: Backend, softcap, temperature,
+                deterministic: bool = False, grad_filter_eps: float = 0.0):
         hidden2d = hidden.reshape(plan.num_rows, hidden.shape[-1])
         seq, lse = backend.linear_forward(hidden2d, weight, bias, plan, softcap, temperature, save_lse=True)
         ctx.save_for_backward(hidden2d, weight, bias, lse)
         ctx.plan, ctx.backend, ctx.softcap, ctx.temperature = plan, backend, softcap, temperature
+        ctx.deterministic, ctx.grad_filter_eps = deterministic, grad_filter_eps
         ctx.shape = hidden.shape
         return seq
 
@@ -59,9 +61,10 @@ class LinearSequenceLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = ctx.backend.linear_backward(
             hidden2d, weight, bias, ctx.plan, ctx.softcap, ctx.temperature, lse, grad_seq.contiguous(),
-            need_hidden=need_h, need_weight=need_w, need_bias=need_b and bias is not None)
+            need_hidden=need_h, need_weight=need_w, need_bias=need_b and bias is not None,
+            deterministic=ctx.deterministic, grad_filter_eps=ctx.grad_filter_eps)
         dh = grads.hidden.view(ctx.shape) if grads.hidden is not None else None
-        return dh, grads.weight, grads.bias, None, None, None, None
+        return dh, grads.weight, grads.bias, None, None, None, None, None, None
 
 
 class ClosedFormLoss(torch.autograd.Function):

@@ -10,14 +10,19 @@ completion tokens, compacted). Log-probs, LSEs and reductions are fp32 (float64 
 - ``linear_forward(hidden [N,H], weight [V,H], bias [V]|None, plan, softcap, temperature, save_lse)
   -> (seq_logps [S], lse [Nc] or None)``
 - ``linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq, need_hidden,
-  need_weight, need_bias) -> LinearGrads`` (``dhidden [N,H]`` in hidden's dtype, zero on ignored rows;
+  need_weight, need_bias, deterministic=False, grad_filter_eps=0.0) -> LinearGrads`` (``dhidden [N,H]`` in hidden's dtype, zero on ignored rows;
   ``dweight``/``dbias`` accumulated in fp32 and returned in the parameter's dtype; None when not needed).
 - ``loss_step(...)``: the closed-form loss of :func:`spo_kernels.losses.preference_loss_step`.
 
-Names: ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``torch`` (chunked PyTorch, any
-device), ``reference`` (naive, autograd, tests only; handled by the public functions). Selection:
-the ``backend=`` argument, else ``$SPO_KERNELS_BACKEND``, else ``triton`` for CUDA tensors and
-``torch`` otherwise.
+  ``deterministic=True`` asks for bitwise-identical results across runs; ``grad_filter_eps > 0`` lets a
+  backend skip vocabulary tiles whose ``|onehot - softmax|`` is below eps everywhere (approximate,
+  opt-in; backends without a filter compute exactly).
+
+Names: ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpu`` (the C++ extension built from
+``csrc/``), ``torch`` (chunked PyTorch, any device), ``reference`` (naive, autograd, tests only;
+handled by the public functions). Selection: the ``backend=`` argument, else
+``$SPO_KERNELS_BACKEND``, else ``triton`` for CUDA tensors, ``cpu`` for CPU tensors when the
+extension is built, ``torch`` otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 from ..losses import preference_loss_step
 
-BACKENDS = ("triton", "torch", "reference")
+BACKENDS = ("triton", "cpu", "torch", "reference")
 ENV_VAR = "SPO_KERNELS_BACKEND"
 
 
@@ -57,7 +62,7 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no fused-linear path")
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias):
+                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
         raise NotImplementedError(f"backend {self.name!r} has no fused-linear path")
 
 
@@ -71,6 +76,14 @@ def _triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _cpu_extension_available() -> bool:
+    try:
+        from .cpu import extension_available
+    except ImportError:
+        return False
+    return extension_available()
+
+
 def resolve_backend_name(name: Optional[str], device: torch.device) -> str:
     """The backend to use: explicit name, else ``$SPO_KERNELS_BACKEND``, else by device."""
     if name is None:
@@ -79,12 +92,17 @@ def resolve_backend_name(name: Optional[str], device: torch.device) -> str:
     else:
         source = "backend"
     if name is None:
-        return "triton" if device.type == "cuda" and _triton_usable(device) else "torch"
+        if device.type == "cuda":
+            return "triton" if _triton_usable(device) else "torch"
+        return "cpu" if device.type == "cpu" and _cpu_extension_available() else "torch"
     if name not in BACKENDS:
         raise ValueError(f"{source}={name!r} is unknown; expected one of {list(BACKENDS)}")
     if name == "triton" and not _triton_usable(device):
         raise ValueError(f"{source}='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                          f"the inputs are on {device}")
+    if name == "cpu" and (device.type != "cpu" or not _cpu_extension_available()):
+        raise ValueError(f"{source}='cpu' needs CPU tensors and the C++ extension built from csrc/ "
+                         f"(pip install -e . with a compiler); the inputs are on {device}")
     return name
 
 
@@ -95,4 +113,7 @@ def get_backend(name: str) -> Backend:
     if name == "triton":
         from .triton import TritonBackend
         return TritonBackend()
+    if name == "cpu":
+        from .cpu import CpuBackend
+        return CpuBackend()
     raise ValueError(f"backend {name!r} has no op implementation (the reference backend is autograd-only)")

@@ -104,7 +104,8 @@ class TorchChunkedBackend(Backend):
         return seq, (lse if save_lse else None)
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias):
+                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
+        # Always deterministic (fixed chunk order, no atomics) and exact (no filter).
         acc = _acc_dtype(hidden.dtype)
         g_tok = grad_seq.to(acc)[plan.seq_id]
         dh = torch.zeros_like(hidden) if need_hidden else None

@@ -33,7 +33,7 @@ class TritonBackend(Backend):
         return linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias):
+                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
         from ..kernels.linear_logprobs import linear_backward
         return linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                               need_hidden, need_weight, need_bias)
+                               need_hidden, need_weight, need_bias, deterministic, grad_filter_eps)
