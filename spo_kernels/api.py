@@ -118,7 +118,7 @@ def sequence_logprobs(
     PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)  # validates
     logps = _logits_logprobs(logits, plan, backend, softcap, temperature, inplace_backward, labels, cu_seqlens,
                              ignore_index)
-    return SequenceLogprobs(logps=logps, counts=plan.counts)
+    return SequenceLogprobs(logps=logps.to(_out_dtype(logits)), counts=plan.counts)
 
 
 def fused_linear_sequence_logprobs(
@@ -154,7 +154,7 @@ def fused_linear_sequence_logprobs(
     _check_kernel_options(deterministic, grad_filter_eps)
     logps = _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens,
                              ignore_index, deterministic, grad_filter_eps)
-    return SequenceLogprobs(logps=logps, counts=plan.counts)
+    return SequenceLogprobs(logps=logps.to(_out_dtype(hidden)), counts=plan.counts)
 
 
 def _logits_logprobs(logits, plan, backend, softcap, temperature, inplace, labels, cu_seqlens, ignore_index):
@@ -166,6 +166,11 @@ def _logits_logprobs(logits, plan, backend, softcap, temperature, inplace, label
     if not torch.is_grad_enabled() or not logits.requires_grad:
         return impl.logits_forward(logits.reshape(plan.num_rows, logits.shape[-1]), plan, softcap, temperature)[0]
     return LogitsSequenceLogprobs.apply(logits, plan, impl, softcap, temperature, inplace)
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    """Public results are fp32 (float64 only for float64 inputs, the tests' oracle precision)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check_kernel_options(deterministic, grad_filter_eps):
@@ -200,7 +205,10 @@ def _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, 
 # preference losses
 # ---------------------------------------------------------------------------------------------
 
-def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, backend_name) -> PreferenceLossOutput:
+def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, backend_name,
+            out_dtype) -> PreferenceLossOutput:
+    """The loss step on the per-sequence sums (in the precision the backend summed them in: a DPO loss
+    is a function of differences of large sums), then the public fp32 results."""
     P = plan.num_seqs // 2
     counts = plan.counts
     if ref_logps is not None:
@@ -214,8 +222,10 @@ def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, ba
         step = get_backend(backend_name).loss_step(policy_logps.detach(), counts, ref_logps, cfg, anchor, bco_delta)
         loss = ClosedFormLoss.apply(policy_logps, step.loss, step.grad) if policy_logps.requires_grad else step.loss
         metrics = step.metrics
-    return PreferenceLossOutput(loss=loss, metrics=metrics, policy_logps=policy_logps.detach(),
-                                ref_logps=ref_logps, counts=counts)
+    return PreferenceLossOutput(
+        loss=loss.to(out_dtype), metrics={k: v.to(out_dtype) for k, v in metrics.items()},
+        policy_logps=policy_logps.detach().to(out_dtype),
+        ref_logps=None if ref_logps is None else ref_logps.to(out_dtype), counts=counts)
 
 
 def _prepare(cfg, plan, device, ref_logps, has_ref_inputs, spo_anchor, bco_delta):
@@ -286,7 +296,7 @@ def preference_loss(
                                          cu_seqlens, cfg.ignore_index)
     policy = _logits_logprobs(logits, plan, name, cfg.softcap, cfg.temperature, inplace_backward, labels,
                               cu_seqlens, cfg.ignore_index)
-    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name)
+    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name, _out_dtype(logits))
 
 
 def fused_linear_preference_loss(
@@ -347,4 +357,4 @@ def fused_linear_preference_loss(
                                          cfg.temperature, labels, cu_seqlens, cfg.ignore_index)
     policy = _linear_logprobs(hidden, weight, bias, plan, name, cfg.softcap, cfg.temperature, labels, cu_seqlens,
                               cfg.ignore_index, deterministic, grad_filter_eps)
-    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name)
+    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name, _out_dtype(hidden))

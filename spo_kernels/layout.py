@@ -47,7 +47,7 @@ class TokenPlan:
 def _check_tensor(name: str, x, device=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if device is not None and x.device != device:
+    if device is not None and x.device != torch.device(device):
         raise ValueError(f"{name} is on {x.device} but the inputs are on {device}")
 
 

@@ -46,6 +46,13 @@ def _grad_logits(z: torch.Tensor, targets, lse, g_tok, chain):
     return z
 
 
+def _sequence_sums(logp, plan):
+    """``L_s = sum_t logp_t`` accumulated in float64: a sequence of 1k tokens summed in fp32 loses
+    ~1e-7 relative, and a DPO loss is a function of differences of such sums (S values, free)."""
+    sums = torch.zeros(plan.num_seqs, dtype=torch.float64, device=logp.device)
+    return sums.index_add_(0, plan.seq_id, logp.to(torch.float64))
+
+
 def _chunks(plan, vocab):
     step = _chunk_rows(vocab)
     for start in range(0, plan.num_tokens, step):
@@ -66,8 +73,7 @@ class TorchChunkedBackend(Backend):
             _transform(z, softcap, temperature)
             lse[start:end] = torch.logsumexp(z, dim=1)
             logp[start:end] = z.gather(1, tgt[:, None]).squeeze(1) - lse[start:end]
-        seq = torch.zeros(plan.num_seqs, dtype=acc, device=logits.device).index_add_(0, plan.seq_id, logp)
-        return seq, lse
+        return _sequence_sums(logp, plan), lse
 
     def logits_backward(self, logits, plan, softcap, temperature, lse, grad_seq, out):
         acc = _acc_dtype(logits.dtype)
@@ -100,8 +106,7 @@ class TorchChunkedBackend(Backend):
             _transform(z, softcap, temperature)
             lse[start:end] = torch.logsumexp(z, dim=1)
             logp[start:end] = z.gather(1, tgt[:, None]).squeeze(1) - lse[start:end]
-        seq = torch.zeros(plan.num_seqs, dtype=acc, device=hidden.device).index_add_(0, plan.seq_id, logp)
-        return seq, (lse if save_lse else None)
+        return _sequence_sums(logp, plan), (lse if save_lse else None)
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
                         need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
