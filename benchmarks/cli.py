@@ -58,6 +58,24 @@ def _worker(args, env=None, timeout=1800):
     return proc
 
 
+def floors(shape: Shape, rates: dict) -> dict:
+    """The two floors (METHOD.md) of one step at the rates measured in this run.
+
+    linear: FLOPs ``8 Nc V H`` (policy: forward, recompute, dhidden, dW) ``+ 2 Nc V H`` (reference fwd).
+    logits: bytes that must move: completion rows read in forward, read and written in backward, the
+    other rows written once (the in-place gradient's zeros).
+    """
+    if not rates:
+        return {}
+    Nc, V = shape.completion_tokens, shape.V
+    elt = {"bf16": 2, "fp16": 2, "fp32": 4}[shape.dtype]
+    if shape.workload == "linear":
+        flops = 10 * Nc * V * shape.H
+        return {"flops": flops, "floor_s": flops / rates["matmul_flops"]}
+    nbytes = (3 * Nc + (shape.N - Nc)) * V * elt
+    return {"bytes": nbytes, "floor_s": nbytes / rates["copy_bytes_per_s"]}
+
+
 def run_shape(shape: Shape, methods, device: str, repeats: int, log=print) -> dict:
     """Reference first, then each method in its own process; returns the result record."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +85,12 @@ def run_shape(shape: Shape, methods, device: str, repeats: int, log=print) -> di
         proc = _worker(["--method", "float64", "--shape", sj, "--device", device, "--ref", ref])
         if proc.returncode != 0:
             raise RuntimeError(f"reference failed:\n{proc.stderr[-4000:]}")
+        rates = {}
+        if device == "cuda":
+            rp = os.path.join(tmp, "rates.json")
+            if _worker(["--method", "rates", "--shape", sj, "--device", device, "--ref", ref, "--out", rp]).returncode == 0:
+                with open(rp) as f:
+                    rates = json.load(f)
         results = []
         for m in methods:
             log(f"[{shape.describe()}] {m} ...")
@@ -93,18 +117,24 @@ def run_shape(shape: Shape, methods, device: str, repeats: int, log=print) -> di
         if base is not None and "time_s_median" in r:
             r["time_vs_eager"] = r["time_s_median"] / base["time_s_median"]
             r["memory_vs_eager"] = r["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
-    return {"shape": shape.to_dict(), "results": results, "tolerances": {"loss": loss_tol, "grad": grad_tol}}
+    fl = floors(shape, rates)
+    for r in results:
+        if fl and "time_s_median" in r:
+            r["time_vs_floor"] = r["time_s_median"] / fl["floor_s"]
+    return {"shape": shape.to_dict(), "results": results, "tolerances": {"loss": loss_tol, "grad": grad_tol},
+            "rates": rates, "floor": fl}
 
 
 def format_table(record: dict) -> str:
-    rows = [("method", "time ms", "x eager", "peak extra MB", "x eager", "loss err", "grad err", "status")]
+    rows = [("method", "time ms", "x eager", "x floor", "peak extra MB", "x eager", "loss err", "grad err", "status")]
     for r in record["results"]:
         if "time_s_median" in r:
             rows.append((r["method"], f"{r['time_s_median'] * 1e3:.1f}", f"{r.get('time_vs_eager', float('nan')):.3f}",
+                         f"{r['time_vs_floor']:.2f}" if "time_vs_floor" in r else "-",
                          f"{r['peak_extra_bytes'] / 2**20:.1f}", f"{r.get('memory_vs_eager', float('nan')):.3f}",
                          f"{r['errors']['loss']:.1e}", f"{r['max_grad_err']:.1e}", r["status"]))
         else:
-            rows.append((r["method"], "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason', '')[:60]}"))
+            rows.append((r["method"], "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason', '')[:60]}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -82,6 +82,22 @@ def _reset(grads_holder):
         g.grad = None
 
 
+def measure_rates(device: str) -> dict:
+    """The two floors' rates, measured in this run (CUDA): a large bf16 matmul (FLOP/s) and a device
+    copy (bytes/s, read + write counted)."""
+    if device != "cuda":
+        return {}
+    import triton.testing
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t_mm = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median") * 1e-3
+    x = torch.empty(2**28, device="cuda", dtype=torch.bfloat16).normal_()
+    y = torch.empty_like(x)
+    t_cp = triton.testing.do_bench(lambda: y.copy_(x), warmup=100, rep=500, return_mode="median") * 1e-3
+    return {"matmul_flops": 2 * n ** 3 / t_mm, "copy_bytes_per_s": 2 * x.numel() * x.element_size() / t_cp}
+
+
 def run_reference(shape: Shape, device: str, path: str) -> None:
     import spo_kernels as sk
     inp = make_inputs(shape, device, dtype=torch.float64)
@@ -156,6 +172,10 @@ def main(argv=None):
     torch.manual_seed(0)
     if args.method == "float64":
         run_reference(shape, args.device, args.ref)
+        return 0
+    if args.method == "rates":
+        with open(args.out, "w") as f:
+            json.dump(measure_rates(args.device), f)
         return 0
     result = run_method(args.method, shape, args.device, args.ref, args.repeats)
     with open(args.out, "w") as f:

@@ -1,0 +1,1 @@
+"""Lets ``pytest benchmarks/`` import the ``benchmarks`` package from the repository root."""
