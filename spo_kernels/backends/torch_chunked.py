@@ -1,7 +1,7 @@
 """The ``torch`` backend: chunked PyTorch over completion tokens only, any device.
 
 Never holds more than one chunk of ``[rows, V]`` logits (about ``$SPO_KERNELS_CHUNK_MB`` MiB in fp32,
-default 64), skips ignored tokens entirely, and uses the closed-form gradient
+default 32), skips ignored tokens entirely, and uses the closed-form gradient
 ``g_s * (onehot(y) - softmax(z))`` instead of an autograd graph over the vocabulary. dW and db are
 accumulated in fp32.
 """
@@ -20,7 +20,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunk_rows(vocab: int) -> int:
-    budget = float(os.environ.get("SPO_KERNELS_CHUNK_MB", "64")) * 2**20
+    budget = float(os.environ.get("SPO_KERNELS_CHUNK_MB", "32")) * 2**20
     return max(1, int(budget // (vocab * 4)))
 
 
@@ -35,6 +35,15 @@ def _transform(z: torch.Tensor, softcap, temperature):
         z.div_(temperature)
         chain = (chain if chain is not None else torch.ones_like(z)).div_(temperature)
     return chain
+
+
+def _lse_and_target(z: torch.Tensor, targets: torch.Tensor):
+    """``(logsumexp(z), z[y])`` per row, destroying z: ``lse = m + log(sum(exp(z - m)))`` in place, so no
+    second ``[rows, V]`` temporary exists."""
+    target = z.gather(1, targets[:, None]).squeeze(1)
+    m = z.amax(dim=1, keepdim=True)
+    lse = z.sub_(m).exp_().sum(dim=1).log_().add_(m.squeeze(1))
+    return lse, target
 
 
 def _grad_logits(z: torch.Tensor, targets, lse, g_tok, chain):
@@ -71,8 +80,8 @@ class TorchChunkedBackend(Backend):
         for start, end, rows, tgt in _chunks(plan, logits.shape[1]):
             z = logits.index_select(0, rows).to(acc)
             _transform(z, softcap, temperature)
-            lse[start:end] = torch.logsumexp(z, dim=1)
-            logp[start:end] = z.gather(1, tgt[:, None]).squeeze(1) - lse[start:end]
+            lse[start:end], target = _lse_and_target(z, tgt)
+            logp[start:end] = target - lse[start:end]
         return _sequence_sums(logp, plan), lse
 
     def logits_backward(self, logits, plan, softcap, temperature, lse, grad_seq, out):
@@ -104,8 +113,8 @@ class TorchChunkedBackend(Backend):
         for start, end, rows, tgt in _chunks(plan, weight.shape[0]):
             z = self._logits_tile(hidden.index_select(0, rows), weight, bias, acc)
             _transform(z, softcap, temperature)
-            lse[start:end] = torch.logsumexp(z, dim=1)
-            logp[start:end] = z.gather(1, tgt[:, None]).squeeze(1) - lse[start:end]
+            lse[start:end], target = _lse_and_target(z, tgt)
+            logp[start:end] = target - lse[start:end]
         return _sequence_sums(logp, plan), (lse if save_lse else None)
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
