@@ -1,0 +1,698 @@
+"""Fused-linear path in Triton: ``hidden [N, H]`` and the LM head ``W [V, H]`` (+ bias) in, per-sequence
+completion log-probs and their gradients out. Logits exist only as on-chip tiles (forward) or as a
+bounded scratch of ``dlogits`` (backward); the ``[N, V]`` logits are never materialized.
+
+Notation: ``Nc`` plan tokens (completion tokens only, :class:`~spo_kernels.layout.TokenPlan`), ``S``
+sequences, ``V`` vocabulary, ``H`` hidden size. Per plan token ``t`` with row ``r = token_idx[t]``:
+
+    z_raw = h_r W^T + b                                        (fp32 accumulation over H)
+    z     = softcap * tanh(z_raw / softcap) / temperature      (SPEC 2; each part optional)
+    lse_t = logsumexp_v z_v,   logp_t = z_{y_t} - lse_t,   L_s = sum_{t in s} logp_t
+    dz_raw = g_{s(t)} * (onehot(y_t) - exp(z - lse_t)) * (1 - tanh^2(z_raw / softcap)) / temperature
+    dhidden_r = dz_raw W,   dW = sum_t dz_raw^T h_r,   db = sum_t dz_raw
+
+Forward (``linear_forward``), 2 Nc V H FLOPs, O(Nc) extra memory
+-------------------------------------------------------------------
+1. ``_forward_partials_kernel``: a 1-D grid of (token block, vocabulary split) programs. Each program
+   gathers its token rows through ``token_idx`` (no compacted copy of ``hidden``) and walks the vocabulary
+   tiles of its split in order: logit tile by ``tl.dot`` over H in ``BLOCK_H`` chunks, bias, softcap,
+   temperature, then lanes ``>= V`` set to -inf (after every transform: a padded lane must never enter the
+   softmax as a logit 0), online max / sum-exp, and the target logit picked where ``col == y``. It writes
+   one ``(max, sumexp, target)`` triple per (split, token).
+   Why splits instead of one program per token block walking all of V: with few completion tokens (a
+   small batch, or the reference pass) ``Nc / BLOCK_N`` programs do not fill the GPU; a handful of splits
+   (``>= 8``, about 4 waves in total) does, and the partials cost ``12 * splits * Nc`` bytes. Programs
+   are ordered in groups of token blocks x all splits so that the programs resident together share
+   their ``hidden`` blocks and ``W`` tiles through L2.
+2. ``_merge_segments_kernel``: one program per sequence walks its contiguous run of the plan in order,
+   merges the split partials (``lse = M + log sum_j s_j exp(m_j - M)``), writes ``lse`` (fp32, saved for
+   backward) and the sequence sum ``L_s``. A fixed-order segment reduction: no atomics, deterministic.
+
+Backward (``linear_backward``), 6 Nc V H FLOPs (one recompute of the logits), always deterministic
+----------------------------------------------------------------------------------------------------
+The exact gradient needs two reductions that run along different axes of the ``[Nc, V]`` tile grid:
+``dW`` sums over tokens, ``dhidden`` over the vocabulary. A single kernel per (token block, vocab block)
+tile meets the FLOP floor but must add every partial product into global fp32 buffers with atomics:
+``(Nc / BLOCK_N) * V * H + (V / BLOCK_V) * Nc * H`` fp32 atomics (about 1.3e11 at the G1 shape: ~0.5 TB
+of read-modify-write through L2 next to ~52 TFLOP of backward matmuls), full fp32 ``[V, H]`` and
+``[Nc, H]`` accumulators (2.3 GiB at G1), and results that change bit-wise from run to run. We instead
+stream ``dz`` through a bounded scratch:
+
+    for each block (token chunk x vocabulary range) of the [Nc, V] plane, in order:
+        _grad_logits_kernel : recompute the logit tiles (2 n_tok n_v H), write dz [n_tok, n_v] in the
+                              input dtype (what a tensor-core dot consumes anyway) to the scratch,
+                              plus per-tile column sums of fp32 dz for the bias;
+        _dw_gemm_kernel     : dW[range]  (+)= dz^T h[chunk]   (2 n_tok n_v H), fp32 accumulator in registers;
+        _dh_gemm_kernel     : dh[chunk]  (+)= dz W[range]     (2 n_tok n_v H), fp32 accumulator in registers;
+        _bias_reduce_kernel : db[range]  (+)= column sums, token blocks in order.
+
+Only one of the two loops has more than one step. "vocab-outer" (default when ``Nc <= V``): all tokens
+x a vocabulary range of ``scratch_bytes / (Nc * itemsize)`` columns; then ``dW`` (and ``db``) rows of the
+range are reduced over *all* tokens inside one GEMM and written once, exactly, in the weight's dtype,
+while ``dhidden`` adds one partial per range into an fp32 ``[Nc, H]`` accumulator (none when there is a
+single range or hidden is fp32: then it accumulates in ``dhidden`` itself). "token-outer" (``Nc > V``)
+is the mirror image: a token chunk x all of V, ``dhidden`` rows written once, ``dW`` accumulated in fp32
+``[V, H]`` across chunks (none when the weight is fp32). The smaller accumulator wins.
+
+Costs: FLOPs ``6 Nc V H`` (+ ``2 Nc V H`` forward = the ``8 Nc V H`` floor of a policy fwd+bwd). Extra
+memory: the dz scratch (``scratch_bytes``, default 256 MiB, ``$SPO_KERNELS_LINEAR_SCRATCH_MB``) + the
+fp32 accumulator of the streamed side (0 when it is fp32 or when one block covers the plane; G1 in
+bf16: ``Nc * H * 4`` = 256 MiB) + O(Nc + V). Extra global traffic over the three matmuls: dz written
+once and read twice (``6 Nc V`` bytes in bf16) and one read-modify-write of the accumulator per step.
+Every reduction runs in a fixed order with no atomics, so **results are bitwise reproducible in every
+mode**; ``deterministic=True`` is accepted and selects the same code.
+
+Against issue 4's memory goal (peak extra <= 1.05x of dhidden + dW + O(N)): at G1 in bf16 the lower
+bound is dhidden 256 MiB + dW 1002 MiB; this backward adds the scratch (256 MiB) and the fp32 dhidden
+accumulator (256 MiB), about 1.4x. A smaller scratch lowers the first term (more vocab ranges, more
+accumulator traffic); the second is what exact fp32 accumulation of *both* reductions costs with a
+bf16 head (fp32 heads/hidden accumulate in place and reach the bound plus the scratch).
+
+Gradient filter (``grad_filter_eps > 0``, opt-in, approximate): the dz kernel flags a tile when
+``|g (onehot - softmax)| < eps`` on all its entries, zeroes it, and both GEMMs skip flagged tiles (their
+tiles are aligned to the dz tiles), saving up to 2/3 of the backward FLOPs on peaked distributions. The
+recompute itself cannot be skipped (it is what tells). Off by default: exact.
+
+Numerics: fp32 accumulation everywhere; 16-bit inputs use native tensor-core dots, fp32 inputs use
+``input_precision="ieee"`` (TF32 would miss SPEC 7's 1e-5). Offsets into ``[N, H]``, ``[V, H]`` and the
+dz scratch are int64. Every grid is 1-D (axis 0 allows 2^31 - 1 programs): no token or vocabulary
+count ever lands on the 65535-limited axes 1/2.
+
+Compatibility: triton 3.6 (GPU image) to 3.9; only long-standing ``tl`` APIs; tanh is written with
+``exp``. Under ``TRITON_INTERPRET=1`` (3.9) ``tl.dot`` on bfloat16 returns garbage, so the interpreter
+upcasts 16-bit operands to fp32 before the dot (exact products, same fp32 accumulation as the GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import LinearGrads
+
+# Tests (and users tuning a GPU) may set fields of LinearKernelConfig here: {"block_h": 32, ...}.
+CONFIG_OVERRIDES: dict = {}
+# Tests set this: fill every buffer this module allocates with torch.empty with NaN first, so that a
+# kernel reading memory nobody wrote shows up as NaN in the results.
+POISON_EMPTY: bool = False
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class LinearKernelConfig:
+    """Tile sizes and launch parameters.
+
+    block_n / block_v / block_h: logit tiles (plan tokens x vocabulary, dot over H in block_h chunks),
+        forward and the backward dz kernel.
+    gemm_m / gemm_n / gemm_k: dW and dhidden GEMM tiles ((vocab | tokens) x H, reduction step). gemm_m
+        and gemm_k must divide both block_n and block_v, so that every GEMM tile step lies inside one dz
+        tile (the gradient filter's skip flags are per dz tile).
+    num_splits: forward vocabulary splits (None: enough for about 4 waves, at least 8).
+    scratch_bytes: size of the backward dz scratch.
+    outer: "auto" | "vocab" | "token", the backward's streaming order (see the module docstring).
+    """
+
+    block_n: int = 128
+    block_v: int = 128
+    block_h: int = 64
+    gemm_m: int = 128
+    gemm_n: int = 128
+    gemm_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    group: int = 8
+    segment_block: int = 128
+    num_splits: Optional[int] = None
+    scratch_bytes: int = 256 * 2**20
+    outer: str = "auto"
+
+    def check(self) -> None:
+        for name in ("block_n", "block_v", "block_h", "gemm_m", "gemm_n", "gemm_k", "segment_block"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")
+        for name in ("gemm_m", "gemm_k"):
+            v = getattr(self, name)
+            if self.block_n % v or self.block_v % v:
+                raise ValueError(f"{name}={v} must divide block_n={self.block_n} and block_v={self.block_v}")
+        if self.outer not in ("auto", "vocab", "token"):
+            raise ValueError(f"outer must be 'auto', 'vocab' or 'token', got {self.outer!r}")
+
+
+def kernel_config(dtype: torch.dtype) -> LinearKernelConfig:
+    """Defaults per input dtype (H100-sized tiles; small ones in the interpreter), then overrides."""
+    if _interpreting():
+        cfg = LinearKernelConfig(block_n=32, block_v=32, block_h=32, gemm_m=32, gemm_n=64, gemm_k=32,
+                                 num_warps=4, num_stages=1, group=4, segment_block=16)
+    elif dtype == torch.float32:
+        # ieee fp32 dots run on the FMA units: smaller tiles keep the operands in registers.
+        cfg = LinearKernelConfig(block_n=64, block_v=64, block_h=32, gemm_m=64, gemm_n=64, gemm_k=32,
+                                 num_warps=4, num_stages=2)
+    else:
+        cfg = LinearKernelConfig()
+    mb = os.environ.get("SPO_KERNELS_LINEAR_SCRATCH_MB")
+    if mb:
+        cfg = dataclasses.replace(cfg, scratch_bytes=int(float(mb) * 2**20))
+    if CONFIG_OVERRIDES:
+        cfg = dataclasses.replace(cfg, **CONFIG_OVERRIDES)
+    cfg.check()
+    return cfg
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_EMPTY and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+def _dot_mode(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if _interpreting() else "native"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, group):
+    """Program id -> (m, n) in groups of ``group`` m-blocks x all n-blocks, so programs resident together
+    share their operand blocks in L2."""
+    per_group = group * num_n
+    first_m = (pid // per_group) * group
+    size_m = tl.minimum(num_m - first_m, group)
+    local = pid % per_group
+    return first_m + local % size_m, local // size_m
+
+
+@triton.jit
+def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, h_row_off, row_mask, cols, col_mask, H, stride_w,
+                softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Transformed logits of one tile, fp32 ``[BLOCK_N, BLOCK_V]``, and ``tanh(z_raw / softcap)`` (for the
+    softcap chain rule; meaningless without softcap). ``h_row_off`` are int64 element offsets of the
+    gathered hidden rows; lanes with ``col_mask`` False come out as -inf."""
+    w_row_off = cols.to(tl.int64) * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # z_raw = sum over H chunks of h[:, k:k+BH] @ W[cols, k:k+BH]^T (every chunk, not just one block of H).
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < H
+        h = tl.load(hidden_ptr + h_row_off[:, None] + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_t = tl.load(weight_ptr + w_row_off[None, :] + ks[:, None],
+                      mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        if DOT == "native":  # 16-bit operands on tensor cores, fp32 accumulation
+            acc = tl.dot(h, w_t, acc)
+        else:  # fp32 inputs (no TF32), or 16-bit widened in the interpreter
+            acc = tl.dot(h.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
+    # The bias is added once, after the whole H reduction.
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    t = acc
+    if HAS_SOFTCAP:
+        # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow for any x.
+        x = acc / softcap
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0.0, -t, t)
+        acc = softcap * t
+    z = acc * inv_temp
+    # Lanes past V: -inf after every transform, so they never enter the log-sum-exp.
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    return z, t
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _forward_partials_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, token_idx_ptr, targets_ptr,
+    part_max_ptr, part_sum_ptr, part_tgt_ptr,
+    num_tokens, V, H, stride_h, stride_w, num_splits, tiles_per_split, group, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Program (token block, split): online (max, sumexp) and target logit over the split's vocab tiles.
+    Partials are ``[num_splits, num_tokens]`` fp32."""
+    pid = tl.program_id(0)
+    num_tb = tl.cdiv(num_tokens, BLOCK_N)
+    tb, split = _swizzle(pid, num_tb, num_splits, group)
+    rows = tb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < num_tokens
+    tok = tl.load(token_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    h_row_off = tok * stride_h
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    tz = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    num_vt = tl.cdiv(V, BLOCK_V)
+    vt_end = tl.minimum((split + 1) * tiles_per_split, num_vt)
+    for vt in range(split * tiles_per_split, vt_end):
+        cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z, _ = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, h_row_off, row_mask, cols, col_mask, H,
+                           stride_w, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, DOT, BLOCK_N, BLOCK_V, BLOCK_H)
+        # Online log-sum-exp: every tile holds at least one lane < V, so m_new is finite.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        # The target logit, from the tile that holds column y (exactly one tile over all splits).
+        tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    out = split.to(tl.int64) * num_tokens + rows
+    tl.store(part_max_ptr + out, m, mask=row_mask)
+    tl.store(part_sum_ptr + out, s, mask=row_mask)
+    tl.store(part_tgt_ptr + out, tz, mask=row_mask)
+
+
+@triton.jit
+def _merge_segments_kernel(
+    part_max_ptr, part_sum_ptr, part_tgt_ptr, seq_offsets_ptr, lse_ptr, seq_logps_ptr,
+    num_tokens, num_splits,
+    SAVE_LSE: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Program s: walk plan entries ``[seq_offsets[s], seq_offsets[s+1])`` in order, merge the split
+    partials into ``lse``, and sum ``logp = z_y - lse`` into ``L_s`` (0 for an empty sequence)."""
+    seq = tl.program_id(0)
+    start = tl.load(seq_offsets_ptr + seq)
+    end = tl.load(seq_offsets_ptr + seq + 1)
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask = rows < end
+        big_m = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
+        off = rows  # int64 offsets of split sp: sp * num_tokens + row, advanced by addition
+        for sp in range(num_splits):
+            big_m = tl.maximum(big_m, tl.load(part_max_ptr + off, mask=mask, other=0.0))
+            off += num_tokens
+        sum_exp = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        tgt = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        off = rows
+        for sp in range(num_splits):
+            m_sp = tl.load(part_max_ptr + off, mask=mask, other=0.0)
+            # lse = M + log sum_j s_j exp(m_j - M)
+            sum_exp += tl.load(part_sum_ptr + off, mask=mask, other=1.0) * tl.exp(m_sp - big_m)
+            tgt += tl.load(part_tgt_ptr + off, mask=mask, other=0.0)
+            off += num_tokens
+        lse = big_m + tl.log(sum_exp)
+        if SAVE_LSE:
+            tl.store(lse_ptr + rows, lse, mask=mask)
+        total += tl.where(mask, tgt - lse, 0.0)
+    tl.store(seq_logps_ptr + seq, tl.sum(total, axis=0))
+
+
+def _prep(hidden, weight, bias):
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in _SUPPORTED:
+            raise TypeError(f"the triton backend supports float32/bfloat16/float16 {name}, got {t.dtype} "
+                            f"(use backend='torch' or 'reference' for float64)")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    return hidden, weight, bias
+
+
+def _softcap_args(softcap, temperature):
+    return (float(softcap) if softcap is not None else 1.0), 1.0 / float(temperature)
+
+
+def _device_ctx(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse):
+    """Per-sequence completion log-probs from hidden states and the head, logits on chip only.
+
+    Args:
+        hidden: ``[N, H]`` fp32/bf16/fp16; weight: ``[V, H]`` same dtype; bias: ``[V]`` or None.
+        plan: :class:`~spo_kernels.layout.TokenPlan` (``Nc`` completion tokens of ``S`` sequences).
+        softcap: float or None; temperature: float > 0.
+        save_lse: also return the per-token log-sum-exp (needed by backward).
+    Returns:
+        ``(seq_logps [S] fp32, lse [Nc] fp32 or None)``.
+    """
+    hidden, weight, bias = _prep(hidden, weight, bias)
+    device = hidden.device
+    S, Nc = plan.num_seqs, plan.num_tokens
+    V, H = weight.shape
+    if Nc == 0:
+        lse = torch.empty(0, dtype=torch.float32, device=device) if save_lse else None
+        return torch.zeros(S, dtype=torch.float32, device=device), lse
+    cfg = kernel_config(hidden.dtype)
+    num_tb = triton.cdiv(Nc, cfg.block_n)
+    num_vt = triton.cdiv(V, cfg.block_v)
+    sms = _num_sms(device)
+    splits = cfg.num_splits or max(8, triton.cdiv(4 * sms, num_tb))
+    splits = max(1, min(splits, num_vt))
+    tiles_per_split = triton.cdiv(num_vt, splits)
+    splits = triton.cdiv(num_vt, tiles_per_split)  # no empty split
+    group = max(1, sms // splits)
+    parts = _empty((3, splits, Nc), torch.float32, device)
+    lse = _empty((Nc,), torch.float32, device) if save_lse else parts
+    seq_logps = _empty((S,), torch.float32, device)
+    softcap_v, inv_temp = _softcap_args(softcap, temperature)
+    token_idx = plan.token_idx.contiguous()
+    targets = plan.targets.contiguous()
+    with _device_ctx(hidden):
+        _forward_partials_kernel[(num_tb * splits,)](
+            hidden, weight, bias if bias is not None else hidden, token_idx, targets,
+            parts[0], parts[1], parts[2],
+            Nc, V, H, hidden.stride(0), weight.stride(0), splits, tiles_per_split, group, softcap_v, inv_temp,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT=_dot_mode(hidden.dtype),
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        _merge_segments_kernel[(S,)](
+            parts[0], parts[1], parts[2], plan.seq_offsets.contiguous(), lse, seq_logps, Nc, splits,
+            SAVE_LSE=save_lse, BLOCK_T=cfg.segment_block, num_warps=4,
+        )
+    return seq_logps, (lse if save_lse else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _grad_logits_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, token_idx_ptr, targets_ptr, seq_id_ptr, lse_ptr, grad_seq_ptr,
+    dz_ptr, db_part_ptr, skip_ptr,
+    tok_start, n_tok, v_start, n_v, H, stride_h, stride_w, stride_dz, group, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT: tl.constexpr, NEED_DB: tl.constexpr,
+    FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Program (token block, vocab block) of the current (chunk x range) block: recompute the logit tile,
+    write ``dz_raw`` (input dtype) at ``dz[local token, local col]``, its fp32 column sums for the bias at
+    ``db_part[token block, local col]`` and, with FILTER, the tile's skip flag."""
+    pid = tl.program_id(0)
+    num_tb = tl.cdiv(n_tok, BLOCK_N)
+    num_vb = tl.cdiv(n_v, BLOCK_V)
+    tb, vb = _swizzle(pid, num_tb, num_vb, group)
+    local_rows = tb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = local_rows < n_tok
+    rows = tok_start + local_rows.to(tl.int64)
+    tok = tl.load(token_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    sid = tl.load(seq_id_ptr + rows, mask=row_mask, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(grad_seq_ptr + sid, mask=row_mask, other=0.0)
+    local_cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = local_cols < n_v
+    cols = v_start + local_cols
+
+    z, t = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, tok * stride_h, row_mask, cols, col_mask, H, stride_w,
+                       softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, DOT, BLOCK_N, BLOCK_V, BLOCK_H)
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    # dL/dz = g_s (onehot(y) - softmax(z)), softmax from the forward's lse (lanes past V: exp(-inf) = 0).
+    p = tl.exp(z - lse[:, None])
+    onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
+    dz = tl.where(tile_mask, g[:, None] * (onehot - p), 0.0)
+    if FILTER:
+        # Approximate, opt-in: a tile whose |g (onehot - p)| < eps everywhere is dropped; both GEMMs skip it.
+        skip = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) < filter_eps
+        dz = tl.where(skip, 0.0, dz)
+        tl.store(skip_ptr + tb * num_vb + vb, skip.to(tl.int8))
+    # Chain rule back to z_raw: d/dz_raw [softcap tanh(z_raw/softcap) / T] = (1 - tanh^2) / T.
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    dz = dz * inv_temp
+    dz_off = local_rows.to(tl.int64)[:, None] * stride_dz + local_cols[None, :]
+    tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=tile_mask)
+    if NEED_DB:
+        tl.store(db_part_ptr + tb.to(tl.int64) * n_v + local_cols, tl.sum(dz, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _dw_gemm_kernel(
+    dz_ptr, hidden_ptr, token_idx_ptr, acc_ptr, out_ptr, skip_ptr,
+    tok_start, n_tok, v_start, n_v, H, stride_dz, stride_h, num_vb_skip, group,
+    LOAD_ACC: tl.constexpr, STORE_OUT: tl.constexpr, FILTER: tl.constexpr, DOT: tl.constexpr,
+    SKIP_BN: tl.constexpr, SKIP_BV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``dW[v_start + m, n] (+)= sum_k dz[k, m] h[token_idx[tok_start + k], n]``: program (vocab block, H
+    block), reduction over the chunk's tokens in order, fp32 in registers. ``acc``/``out`` are ``[V, H]``
+    row-major (``acc`` fp32; ``out`` in the weight's dtype; they may be the same tensor)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_v, BLOCK_M)
+    num_n = tl.cdiv(H, BLOCK_N)
+    pm, pn = _swizzle(pid, num_m, num_n, group)
+    local_cols = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    v_mask = local_cols < n_v
+    hs = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_mask = hs < H
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, n_tok, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < n_tok
+        go = True
+        if FILTER:
+            go = tl.load(skip_ptr + (k0 // SKIP_BN) * num_vb_skip + (pm * BLOCK_M) // SKIP_BV) == 0
+        if go:
+            # dz^T tile [BLOCK_M vocab, BLOCK_K tokens]
+            a = tl.load(dz_ptr + ks.to(tl.int64)[None, :] * stride_dz + local_cols[:, None],
+                        mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+            tok = tl.load(token_idx_ptr + tok_start + ks, mask=k_mask, other=0).to(tl.int64)
+            b = tl.load(hidden_ptr + tok[:, None] * stride_h + hs[None, :],
+                        mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+            if DOT == "native":  # 16-bit operands on tensor cores, fp32 accumulation
+                acc = tl.dot(a, b, acc)
+            else:  # fp32 inputs (no TF32), or 16-bit widened in the interpreter
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    off = (v_start + local_cols).to(tl.int64)[:, None] * H + hs[None, :]
+    mask = v_mask[:, None] & h_mask[None, :]
+    if LOAD_ACC:
+        acc += tl.load(acc_ptr + off, mask=mask, other=0.0)
+    if STORE_OUT:
+        tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptr + off, acc, mask=mask)
+
+
+@triton.jit
+def _dh_gemm_kernel(
+    dz_ptr, weight_ptr, token_idx_ptr, acc_ptr, out_ptr, skip_ptr,
+    tok_start, n_tok, v_start, n_v, H, stride_dz, stride_w, num_vb_skip, group,
+    LOAD_ACC: tl.constexpr, ACC_GATHERED: tl.constexpr, STORE_OUT: tl.constexpr, FILTER: tl.constexpr,
+    DOT: tl.constexpr, SKIP_BN: tl.constexpr, SKIP_BV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``dh[token_idx[tok_start + m], n] (+)= sum_k dz[m, k] W[v_start + k, n]``: program (token block, H
+    block), reduction over the range's vocabulary in order, fp32 in registers. ``out`` is ``dhidden
+    [N, H]`` (rows gathered through token_idx); ``acc`` is either ``out`` itself (ACC_GATHERED, fp32 hidden)
+    or a compact fp32 ``[Nc, H]`` buffer indexed by plan position."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_tok, BLOCK_M)
+    num_n = tl.cdiv(H, BLOCK_N)
+    pm, pn = _swizzle(pid, num_m, num_n, group)
+    local_rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = local_rows < n_tok
+    hs = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_mask = hs < H
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dz_row_off = local_rows.to(tl.int64)[:, None] * stride_dz
+    for k0 in range(0, n_v, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < n_v
+        go = True
+        if FILTER:
+            go = tl.load(skip_ptr + ((pm * BLOCK_M) // SKIP_BN) * num_vb_skip + k0 // SKIP_BV) == 0
+        if go:
+            a = tl.load(dz_ptr + dz_row_off + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(weight_ptr + (v_start + ks).to(tl.int64)[:, None] * stride_w + hs[None, :],
+                        mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+            if DOT == "native":  # 16-bit operands on tensor cores, fp32 accumulation
+                acc = tl.dot(a, b, acc)
+            else:  # fp32 inputs (no TF32), or 16-bit widened in the interpreter
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    rows = tok_start + local_rows.to(tl.int64)
+    tok = tl.load(token_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    mask = row_mask[:, None] & h_mask[None, :]
+    out_off = tok[:, None] * H + hs[None, :]
+    acc_off = rows[:, None] * H + hs[None, :]
+    if ACC_GATHERED:
+        acc_off = out_off
+    if LOAD_ACC:
+        acc += tl.load(acc_ptr + acc_off, mask=mask, other=0.0)
+    if STORE_OUT:
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptr + acc_off, acc, mask=mask)
+
+
+@triton.jit
+def _bias_reduce_kernel(
+    db_part_ptr, acc_ptr, out_ptr, v_start, n_v, num_tb,
+    LOAD_ACC: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``db[v_start + c] (+)= sum_i db_part[i, c]`` over the chunk's token blocks, in order."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_v
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = db_part_ptr + cols
+    for i in range(num_tb):  # token blocks in order: a fixed reduction order
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += n_v
+    off = v_start + cols
+    if LOAD_ACC:
+        acc += tl.load(acc_ptr + off, mask=mask, other=0.0)
+    if STORE_OUT:
+        tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptr + off, acc, mask=mask)
+
+
+def _plan_blocks(Nc, V, itemsize, cfg, need_hidden, need_weight, need_bias, hidden_dtype, weight_dtype,
+                 bias_dtype):
+    """Choose the streaming order and the (token chunk, vocab range) blocks: returns
+    ``(outer, [(tok_start, n_tok)], [(v_start, n_v)])``."""
+    tile = cfg.block_n * cfg.block_v
+    cap_elems = max(tile, cfg.scratch_bytes // itemsize)
+    outer = cfg.outer
+    if outer == "auto":
+        if Nc * V <= cap_elems:
+            outer = "vocab"  # one block covers the plane: no accumulator either way
+        else:
+            # Bytes of the fp32 accumulator each order needs (per H column; the H factor cancels).
+            vocab_acc = Nc * 4 if (need_hidden and hidden_dtype != torch.float32) else 0
+            token_acc = (V * 4 if (need_weight and weight_dtype != torch.float32) else 0) + (
+                4 if (need_bias and bias_dtype != torch.float32) else 0)
+            outer = "vocab" if vocab_acc <= token_acc else "token"
+    if outer == "vocab":
+        n_v = max(cfg.block_v, (cap_elems // max(Nc, 1)) // cfg.block_v * cfg.block_v)
+        n_v = min(n_v, V)
+        return outer, [(0, Nc)], [(v, min(n_v, V - v)) for v in range(0, V, n_v)]
+    n_t = max(cfg.block_n, (cap_elems // V) // cfg.block_n * cfg.block_n)
+    n_t = min(n_t, Nc)
+    return outer, [(t, min(n_t, Nc - t)) for t in range(0, Nc, n_t)], [(0, V)]
+
+
+def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq, need_hidden, need_weight,
+                    need_bias, deterministic=False, grad_filter_eps=0.0):
+    """Gradients of ``sum_s grad_seq[s] * L_s`` w.r.t. hidden, weight and bias, one logit recompute.
+
+    Args:
+        hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` | None, plan, softcap, temperature: as in forward.
+        lse: ``[Nc]`` fp32 from :func:`linear_forward`. grad_seq: ``[S]`` upstream gradient ``dloss/dL_s``.
+        need_hidden / need_weight / need_bias: which gradients to compute (a frozen head skips dW).
+        deterministic: accepted; every mode of this backend is bitwise reproducible (see module docstring).
+        grad_filter_eps: > 0 skips tiles whose ``|g (onehot - softmax)|`` is below it everywhere.
+    Returns:
+        :class:`~spo_kernels.backends.LinearGrads`: ``dhidden [N, H]`` in hidden's dtype (zero on rows
+        outside the plan), ``dweight [V, H]`` / ``dbias [V]`` in their parameter's dtype; None where not needed.
+    """
+    del deterministic  # every path is deterministic
+    hidden, weight, bias = _prep(hidden, weight, bias)
+    need_bias = bool(need_bias and bias is not None)
+    device = hidden.device
+    N, H = hidden.shape
+    V = weight.shape[0]
+    Nc = plan.num_tokens
+    dh = torch.zeros((N, H), dtype=hidden.dtype, device=device) if need_hidden else None
+    if Nc == 0 or not (need_hidden or need_weight or need_bias):
+        return LinearGrads(
+            hidden=dh,
+            weight=torch.zeros((V, H), dtype=weight.dtype, device=device) if need_weight else None,
+            bias=torch.zeros_like(bias) if need_bias else None)
+    cfg = kernel_config(hidden.dtype)
+    dw = _empty((V, H), weight.dtype, device) if need_weight else None
+    db = _empty((V,), bias.dtype, device) if need_bias else None
+    itemsize = hidden.element_size()
+    outer, tok_blocks, v_blocks = _plan_blocks(Nc, V, itemsize, cfg, need_hidden, need_weight, need_bias,
+                                               hidden.dtype, weight.dtype, bias.dtype if need_bias else None)
+
+    # Accumulators of the streamed side (only when it streams in more than one step and is not fp32).
+    multi_tok, multi_v = len(tok_blocks) > 1, len(v_blocks) > 1
+    dh_acc = dh if (need_hidden and hidden.dtype == torch.float32) else (
+        _empty((Nc, H), torch.float32, device) if (need_hidden and multi_v) else None)
+    dw_acc = dw if (need_weight and weight.dtype == torch.float32) else (
+        _empty((V, H), torch.float32, device) if (need_weight and multi_tok) else None)
+    db_acc = db if (need_bias and bias.dtype == torch.float32) else (
+        _empty((V,), torch.float32, device) if (need_bias and multi_tok) else None)
+
+    max_tok = max(n for _, n in tok_blocks)
+    max_v = max(n for _, n in v_blocks)
+    stride_dz = triton.cdiv(max_v, 16) * 16  # 32-byte aligned rows
+    dz = _empty((max_tok, stride_dz), hidden.dtype, device)
+    max_tb = triton.cdiv(max_tok, cfg.block_n)
+    max_vb = triton.cdiv(max_v, cfg.block_v)
+    db_part = _empty((max_tb, max_v), torch.float32, device) if need_bias else dz
+    use_filter = grad_filter_eps > 0
+    skip = torch.empty((max_tb * max_vb,), dtype=torch.int8, device=device) if use_filter else dz
+    softcap_v, inv_temp = _softcap_args(softcap, temperature)
+    dot = _dot_mode(hidden.dtype)
+    token_idx = plan.token_idx.contiguous()
+    targets = plan.targets.contiguous()
+    seq_id = plan.seq_id.contiguous()
+    lse = lse.contiguous().float()
+    grad_seq = grad_seq.contiguous().float()
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    gm, gn, gk = cfg.gemm_m, cfg.gemm_n, cfg.gemm_k
+
+    with _device_ctx(hidden):
+        for tok_start, n_tok in tok_blocks:
+            num_tb = triton.cdiv(n_tok, cfg.block_n)
+            first_tok, last_tok = tok_start == 0, tok_start + n_tok == Nc
+            for v_start, n_v in v_blocks:
+                num_vb = triton.cdiv(n_v, cfg.block_v)
+                first_v, last_v = v_start == 0, v_start + n_v == V
+                _grad_logits_kernel[(num_tb * num_vb,)](
+                    hidden, weight, bias if bias is not None else hidden, token_idx, targets, seq_id, lse,
+                    grad_seq, dz, db_part, skip,
+                    tok_start, n_tok, v_start, n_v, H, hidden.stride(0), weight.stride(0), stride_dz,
+                    cfg.group, softcap_v, inv_temp, float(grad_filter_eps),
+                    HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT=dot, NEED_DB=need_bias,
+                    FILTER=use_filter, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, **launch)
+                if need_weight:
+                    # Across token chunks (token-outer) dW accumulates in fp32; the last chunk writes it.
+                    store_out = last_tok or dw_acc is dw
+                    _dw_gemm_kernel[(triton.cdiv(n_v, gm) * triton.cdiv(H, gn),)](
+                        dz, hidden, token_idx, dw_acc if dw_acc is not None else dw, dw, skip,
+                        tok_start, n_tok, v_start, n_v, H, stride_dz, hidden.stride(0), num_vb, cfg.group,
+                        LOAD_ACC=not first_tok, STORE_OUT=store_out, FILTER=use_filter, DOT=dot,
+                        SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, **launch)
+                if need_bias:
+                    _bias_reduce_kernel[(triton.cdiv(n_v, 128),)](
+                        db_part, db_acc if db_acc is not None else db, db, v_start, n_v, num_tb,
+                        LOAD_ACC=not first_tok, STORE_OUT=last_tok or db_acc is db, BLOCK=128, num_warps=4)
+                if need_hidden:
+                    # Across vocab ranges (vocab-outer) dhidden accumulates in fp32; the last range writes it.
+                    gathered = dh_acc is dh
+                    _dh_gemm_kernel[(triton.cdiv(n_tok, gm) * triton.cdiv(H, gn),)](
+                        dz, weight, token_idx, dh_acc if dh_acc is not None else dh, dh, skip,
+                        tok_start, n_tok, v_start, n_v, H, stride_dz, weight.stride(0), num_vb, cfg.group,
+                        LOAD_ACC=not first_v, ACC_GATHERED=gathered, STORE_OUT=last_v or gathered,
+                        FILTER=use_filter, DOT=dot, SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v,
+                        BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, **launch)
+    return LinearGrads(hidden=dh, weight=dw, bias=db)

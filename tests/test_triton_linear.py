@@ -1,0 +1,502 @@
+"""Triton fused-linear path (kernels/linear_logprobs.py) against the float64 reference, in the interpreter.
+
+Shapes are small and odd on purpose: H=80 is larger than one H block (32 here), V=97 is not a multiple
+of the vocabulary tile, completions have ragged starts and tails. Every buffer the module allocates with
+``torch.empty`` is poisoned with NaN first (``POISON_EMPTY``), so reading unwritten memory fails the test.
+Tolerances are SPEC 7's: fp32 loss/log-probs rel <= 1e-5 and gradients rel-norm <= 1e-4; bf16/fp16 loss
+rel <= 1e-3 and gradients rel-norm <= 2e-2; NaN never passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import spo_kernels as sk
+from spo_kernels.kernels import linear_logprobs as LL
+from spo_kernels.layout import build_plan
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-3, 2e-2), torch.float16: (1e-3, 2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_blocks(monkeypatch):
+    """NaN-poison every torch.empty of the module; block_h=32 < H=80 so the H loop runs 3 chunks."""
+    monkeypatch.setattr(LL, "POISON_EMPTY", True)
+    monkeypatch.setattr(LL, "CONFIG_OVERRIDES", {"block_h": 32})
+
+
+def _override(monkeypatch, **kw):
+    monkeypatch.setattr(LL, "CONFIG_OVERRIDES", {"block_h": 32, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+def make_case(P=2, T=12, H=80, V=97, *, bias=True, seed=0, empty=(), peaked=False):
+    """fp32 base tensors, padded layout: hidden [2P, T, H], weight [V, H], bias [V], labels [2P, T] with a
+    ragged prompt (ignored) and a ragged tail of padding; ``empty`` sequences have no completion."""
+    g = torch.Generator().manual_seed(seed)
+    S = 2 * P
+    hidden = torch.randn(S, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H ** 0.5
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    labels = torch.randint(0, V, (S, T), generator=g)
+    for s in range(S):
+        prompt = int(torch.randint(1, T // 2, (1,), generator=g))
+        tail = int(torch.randint(0, 3, (1,), generator=g))
+        labels[s, :prompt] = -100
+        if tail:
+            labels[s, T - tail:] = -100
+        if s in empty:
+            labels[s] = -100
+    if peaked:
+        # One vocabulary row dominates every other token by a logit gap of ~30, and a bias of -60 pushes
+        # all logits far below 0: a padded vocab lane entering the softmax as logit 0 would dominate.
+        hidden[:, ::2] += 30.0 * weight[0] / weight[0].norm() ** 2
+        b = torch.full((V,), -60.0)
+        labels[:, 1::3] = torch.where(labels[:, 1::3] >= 0, 0, labels[:, 1::3])
+    ref_hidden = hidden + 0.3 * torch.randn(S, T, H, generator=g)
+    ref_weight = weight + 0.05 * torch.randn(V, H, generator=g) / H ** 0.5
+    return dict(hidden=hidden, weight=weight, bias=b, labels=labels, ref_hidden=ref_hidden,
+                ref_weight=ref_weight, cu_seqlens=None)
+
+
+def to_packed(case, zero_length=False):
+    """Padded -> packed [N, H] + cu_seqlens (int32): each row keeps up to its last completion token (or a
+    few tokens when empty); ``zero_length`` makes the last sequence zero tokens long."""
+    labels = case["labels"]
+    S = labels.shape[0]
+    lengths = []
+    for s in range(S):
+        idx = (labels[s] != -100).nonzero()
+        lengths.append(int(idx[-1]) + 1 if len(idx) else 3)
+    if zero_length:
+        assert not (labels[-1] != -100).any()
+        lengths[-1] = 0
+    cu = torch.zeros(S + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+
+    def pack(x):
+        return torch.cat([x[s, :n] for s, n in enumerate(lengths)])
+
+    out = dict(case)
+    out.update(hidden=pack(case["hidden"]), ref_hidden=pack(case["ref_hidden"]), labels=pack(labels), cu_seqlens=cu)
+    return out
+
+
+def leaves(case, dtype, frozen_head=False):
+    """Leaf copies of the inputs in ``dtype``; ``frozen_head`` leaves weight and bias without grad."""
+    h = case["hidden"].to(dtype).detach().requires_grad_(True)
+    w = case["weight"].to(dtype).detach().requires_grad_(not frozen_head)
+    b = None if case["bias"] is None else case["bias"].to(dtype).detach().requires_grad_(not frozen_head)
+    return h, w, b
+
+
+def rounded(case, dtype):
+    """The case with its float tensors rounded to ``dtype`` (kept fp32 storage), so that the oracle and the
+    kernel see the same inputs."""
+    out = dict(case)
+    for k in ("hidden", "weight", "bias", "ref_hidden", "ref_weight"):
+        if out[k] is not None:
+            out[k] = out[k].to(dtype).float()
+    return out
+
+
+def run_loss(case, backend, dtype, *, ref="hidden", frozen_head=False, **opts):
+    """fused_linear_preference_loss then backward; returns (out, {'hidden','weight','bias'} grads)."""
+    h, w, b = leaves(case, dtype, frozen_head)
+    kw = dict(opts)
+    if ref == "hidden":
+        kw.update(ref_hidden=case["ref_hidden"].to(dtype), ref_weight=case["ref_weight"].to(dtype))
+        if b is not None:
+            kw["ref_bias"] = b.detach()
+    elif isinstance(ref, torch.Tensor):
+        kw["ref_logps"] = ref.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    out = sk.fused_linear_preference_loss(h, w, case["labels"], b, cu_seqlens=case["cu_seqlens"],
+                                          backend=backend, **kw)
+    out.loss.backward()
+    return out, {"hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+
+def rel_err(a, b) -> float:
+    """Relative error in norm; a NaN/inf anywhere gives inf (NaN never passes)."""
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def check_scalar(a, b, rel, name):
+    a, b = float(a), float(b)
+    if math.isnan(b):
+        assert math.isnan(a), f"{name}: expected NaN (as the reference), got {a}"
+        return
+    assert not math.isnan(a), f"{name}: got NaN, expected {b}"
+    assert abs(a - b) <= rel * max(abs(b), 1.0), f"{name}: {a} vs reference {b} (rel {rel})"
+
+
+def plan_rows(case):
+    labels = case["labels"].reshape(-1)
+    return (labels != -100).nonzero().squeeze(1)
+
+
+def check_grads(grads, ref_grads, case, dtype, names=("hidden", "weight", "bias")):
+    gtol = TOL[dtype][1]
+    for name in names:
+        got, want = grads[name], ref_grads[name]
+        if want is None:
+            assert got is None, f"d{name}: expected None"
+            continue
+        assert got is not None, f"d{name} missing"
+        assert got.dtype == dtype, f"d{name} dtype {got.dtype}, expected {dtype}"
+        err = rel_err(got, want)
+        assert err <= gtol, f"d{name}: rel-norm error {err:.3e} > {gtol}"
+    if grads["hidden"] is not None:
+        # Rows outside the plan (prompt, padding) get exactly zero.
+        flat = grads["hidden"].reshape(-1, grads["hidden"].shape[-1])
+        outside = torch.ones(flat.shape[0], dtype=torch.bool)
+        outside[plan_rows(case)] = False
+        assert bool((flat[outside] == 0).all()), "dhidden is not exactly zero outside the plan"
+
+
+def check_against_reference(case, dtype=torch.float32, *, metrics=True, frozen_head=False, ref="hidden", **opts):
+    case = rounded(case, dtype)
+    out, grads = run_loss(case, "triton", dtype, ref=ref, frozen_head=frozen_head, **opts)
+    want, ref_grads = run_loss(case, "reference", torch.float64, ref=ref, frozen_head=frozen_head, **opts)
+    ltol = TOL[dtype][0]
+    assert torch.isfinite(out.loss), "loss is not finite"
+    check_scalar(out.loss, want.loss, ltol, "loss")
+    assert rel_err(out.policy_logps, want.policy_logps) <= ltol
+    if metrics:
+        assert set(want.metrics) <= set(out.metrics)
+        for name, value in want.metrics.items():
+            if name == "rewards/accuracies" and (dtype != torch.float32 or metrics == "no-accuracy"):
+                continue  # a near-tie (16-bit, or a flat softmax) may flip
+            check_scalar(out.metrics[name], value, ltol, name)
+    check_grads(grads, ref_grads, case, dtype)
+    return out, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# loss table and SPO through the public function
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss_type", sk.LOSS_TYPES)
+def test_every_loss_type(loss_type):
+    opts = dict(loss_type=loss_type, beta=0.5)
+    if loss_type in ("sigmoid", "robust", "exo_pair"):
+        opts["label_smoothing"] = 0.1
+    check_against_reference(make_case(seed=sk.LOSS_TYPES.index(loss_type)), **opts)
+
+
+@pytest.mark.parametrize("setting", [
+    dict(loss_type="sigmoid", spo_lambda=1.0),
+    dict(loss_type="sigmoid", spo_lambda=2.0, spo_normalize="sum", spo_margin=0.5, sft_weight=0.3),
+    dict(loss_type="simpo", spo_lambda=1.0, spo_margin=0.2),
+    dict(loss_type="ipo", spo_lambda=0.5, anchor="tensor"),
+    dict(loss_type="dpop", spo_lambda=1.0, anchor="one_step"),
+    dict(loss_type="hinge", spo_lambda=1.0, reference_free=True),
+], ids=["dpo+spo", "sum-margin-sft", "simpo+spo", "ipo-tensor-anchor", "dpop-one-step", "ref-free"])
+def test_spo_settings(setting):
+    setting = dict(setting)
+    anchor = setting.pop("anchor", None)
+    case = make_case(seed=7)
+    if anchor is not None:
+        # Anchors just above/below the chosen per-token log-probs so that the relu is active for some pairs.
+        setting["spo_anchor"] = torch.tensor([-4.0, -6.5])
+        if anchor == "one_step":
+            setting["spo_anchor"] = torch.tensor([-4.5, -5.5])
+    check_against_reference(case, **setting)
+
+
+def test_precomputed_ref_logps_and_packed():
+    case = to_packed(make_case(seed=3))
+    ref = torch.tensor([-40.0, -35.5, -42.0, -38.0])
+    check_against_reference(case, ref=ref, loss_type="sigmoid", spo_lambda=1.0, beta=0.2)
+
+
+@pytest.mark.parametrize("layout,bias,softcap,temperature", [
+    ("padded", True, None, 1.0),
+    ("packed", True, 5.0, 0.7),
+    ("packed", False, None, 1.3),
+    ("padded", False, 2.0, 1.0),
+])
+def test_layouts_bias_softcap_temperature(layout, bias, softcap, temperature):
+    case = make_case(seed=11, bias=bias, P=3, T=9)
+    if layout == "packed":
+        case = to_packed(case)
+    check_against_reference(case, loss_type="sigmoid", beta=0.7, softcap=softcap, temperature=temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward: vocabulary splits and H blocks
+# ---------------------------------------------------------------------------------------------
+
+def reference_logps(case, softcap=None, temperature=1.0):
+    h = case["hidden"].double()
+    w = case["weight"].double()
+    b = None if case["bias"] is None else case["bias"].double()
+    return sk.fused_linear_sequence_logprobs(h, w, case["labels"], b, cu_seqlens=case["cu_seqlens"], softcap=softcap,
+                                             temperature=temperature, backend="reference").logps
+
+
+@pytest.mark.parametrize("num_splits,block_h,block_n,block_v", [
+    (1, 32, 16, 16), (3, 16, 32, 32), (2, 64, 16, 64), (None, 128, 32, 32)])
+def test_forward_splits_and_blocks(monkeypatch, num_splits, block_h, block_n, block_v):
+    _override(monkeypatch, num_splits=num_splits, block_h=block_h, block_n=block_n, block_v=block_v, gemm_m=16,
+              gemm_k=16)
+    case = make_case(seed=5, P=2, T=13)
+    with torch.no_grad():
+        got = sk.fused_linear_sequence_logprobs(case["hidden"], case["weight"], case["labels"], case["bias"],
+                                                softcap=4.0, backend="triton").logps
+    want = reference_logps(case, softcap=4.0)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_forward_returns_lse(monkeypatch):
+    case = make_case(seed=2)
+    plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
+    h2 = case["hidden"].reshape(-1, 80)
+    seq, lse = LL.linear_forward(h2, case["weight"], case["bias"], plan, None, 1.0, save_lse=True)
+    z = h2[plan.token_idx].double() @ case["weight"].double().t() + case["bias"].double()
+    assert lse.dtype == torch.float32 and lse.shape == (plan.num_tokens,)
+    assert rel_err(lse, torch.logsumexp(z, 1)) <= 1e-6
+    seq2, none = LL.linear_forward(h2, case["weight"], case["bias"], plan, None, 1.0, save_lse=False)
+    assert none is None and torch.equal(seq, seq2)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: streaming orders, accumulators, non-uniform upstream gradients
+# ---------------------------------------------------------------------------------------------
+
+def logprobs_grads(case, backend, dtype, grad_seq, frozen_head=False, **opts):
+    h, w, b = leaves(case, dtype, frozen_head)
+    res = sk.fused_linear_sequence_logprobs(h, w, case["labels"], b, cu_seqlens=case["cu_seqlens"], backend=backend,
+                                            **opts)
+    (res.logps * grad_seq.to(res.logps.dtype)).sum().backward()
+    return res.logps.detach(), {"hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
+
+
+def check_logprobs_grads(case, dtype, grad_seq, frozen_head=False, **opts):
+    case = rounded(case, dtype)
+    got, grads = logprobs_grads(case, "triton", dtype, grad_seq, frozen_head, **opts)
+    want, ref_grads = logprobs_grads(case, "reference", torch.float64, grad_seq, frozen_head,
+                                     **{k: v for k, v in opts.items() if k in ("softcap", "temperature")})
+    assert rel_err(got, want) <= TOL[dtype][0]
+    check_grads(grads, ref_grads, case, dtype)
+    return grads
+
+
+@pytest.mark.parametrize("outer,dtype", [
+    ("vocab", torch.float32), ("vocab", torch.bfloat16), ("token", torch.float32), ("token", torch.float16)])
+def test_streamed_backward_non_uniform_upstream(monkeypatch, outer, dtype):
+    """Several (token chunk | vocabulary range) steps: exercises the fp32 accumulators (16-bit) and the
+    accumulate-in-output path (fp32), with a random signed upstream gradient on every sequence."""
+    # A 4 KiB scratch: vocab-outer gets 32-column ranges (4 of them), token-outer 32-token chunks.
+    _override(monkeypatch, outer=outer, scratch_bytes=4096, block_n=32, block_v=32)
+    case = make_case(seed=21, P=3, T=16)
+    if outer == "token":
+        case = to_packed(case)
+    plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"),
+                      cu_seqlens=case["cu_seqlens"], pairs=False)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    _, tok_blocks, v_blocks = LL._plan_blocks(plan.num_tokens, 97, itemsize, LL.kernel_config(dtype), True, True,
+                                              True, dtype, dtype, dtype)
+    assert max(len(tok_blocks), len(v_blocks)) > 1
+    grad_seq = torch.randn(6, generator=torch.Generator().manual_seed(4)) * 3.0
+    check_logprobs_grads(case, dtype, grad_seq, softcap=6.0, temperature=0.9)
+
+
+def test_auto_order_picks_smaller_accumulator():
+    cfg = LL.LinearKernelConfig(scratch_bytes=1024)
+    bf = torch.bfloat16
+    assert LL._plan_blocks(1000, 50000, 2, cfg, True, True, False, bf, bf, None)[0] == "vocab"
+    assert LL._plan_blocks(50000, 1000, 2, cfg, True, True, False, bf, bf, None)[0] == "token"
+    # fp32 hidden accumulates in dhidden itself: vocab-outer needs no accumulator at all.
+    assert LL._plan_blocks(50000, 1000, 4, cfg, True, True, False, torch.float32, torch.float32, None)[0] == "vocab"
+    # frozen head: no dW to accumulate, so token-outer writes dhidden once per chunk.
+    assert LL._plan_blocks(1000, 50000, 2, cfg, True, False, False, bf, bf, None)[0] == "token"
+    # a plane that fits the scratch: one block.
+    _, toks, vs = LL._plan_blocks(10, 100, 2, LL.LinearKernelConfig(), True, True, True, bf, bf, bf)
+    assert toks == [(0, 10)] and vs == [(0, 100)]
+
+
+def test_bias_without_grad_and_hidden_only(monkeypatch):
+    case = make_case(seed=9)
+    grad_seq = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    h, w, b = leaves(case, torch.float32)
+    w.requires_grad_(False)
+    b.requires_grad_(True)
+    res = sk.fused_linear_sequence_logprobs(h.detach(), w, case["labels"], b, backend="triton")
+    (res.logps * grad_seq).sum().backward()
+    hd, wd, bd = leaves(case, torch.float64)
+    wd.requires_grad_(False)
+    ref = sk.fused_linear_sequence_logprobs(hd.detach(), wd, case["labels"], bd, backend="reference")
+    (ref.logps * grad_seq.double()).sum().backward()
+    assert rel_err(b.grad, bd.grad) <= 1e-4
+
+
+def test_frozen_head_skips_dw(monkeypatch):
+    """weight.requires_grad False (LoRA): no dW, and the dW kernel never launches."""
+
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError("the dW kernel launched for a frozen head")
+
+    monkeypatch.setattr(LL, "_dw_gemm_kernel", Forbidden())
+    case = make_case(seed=13)
+    out, grads = check_against_reference(case, frozen_head=True, loss_type="sigmoid", spo_lambda=1.0)
+    assert grads["weight"] is None and grads["bias"] is None
+    # The op itself: need_weight False returns None.
+    plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
+    h2 = case["hidden"].reshape(-1, 80)
+    _, lse = LL.linear_forward(h2, case["weight"], case["bias"], plan, None, 1.0, save_lse=True)
+    g = LL.linear_backward(h2, case["weight"], case["bias"], plan, None, 1.0, lse, torch.ones(4), True, False, False)
+    assert g.weight is None and g.bias is None and g.hidden is not None
+
+
+def test_deterministic_bitwise(monkeypatch):
+    """Two runs (deterministic=True, then the default) give bitwise-identical loss and gradients."""
+    _override(monkeypatch, scratch_bytes=4096, block_n=32, block_v=32)  # several vocab ranges
+    case = rounded(to_packed(make_case(seed=17, P=3, T=14)), torch.bfloat16)
+    runs = []
+    for det in (True, True, False):
+        out, grads = run_loss(case, "triton", torch.bfloat16, deterministic=det, loss_type="sigmoid", spo_lambda=1.0)
+        runs.append((out.loss, grads))
+    for loss, grads in runs[1:]:
+        assert torch.equal(loss, runs[0][0])
+        for k in ("hidden", "weight", "bias"):
+            assert torch.equal(grads[k], runs[0][1][k]), f"d{k} differs between runs"
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax shapes, empty completions, precisions
+# ---------------------------------------------------------------------------------------------
+
+def test_peaked_softmax_negative_logits():
+    """All logits far below 0 with one +30 peak, V=97 not a multiple of the tile: a padded lane taken as
+    logit 0 (verl #2656) would give log-probs near +60; the reference says near 0 / -30."""
+    case = make_case(seed=23, peaked=True)
+    out, _ = check_against_reference(case, loss_type="sigmoid", beta=0.1)
+    assert bool((out.policy_logps <= 0).all())
+
+
+def test_flat_softmax():
+    case = make_case(seed=29)
+    case["hidden"] = case["hidden"] * 1e-4
+    case["ref_hidden"] = case["ref_hidden"] * 1e-4
+    case["bias"] = None
+    out, _ = check_against_reference(case, loss_type="sigmoid", metrics="no-accuracy")
+    counts = (case["labels"] != -100).sum(1).double()
+    assert rel_err(out.policy_logps, -counts * math.log(97)) <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_empty_completions(layout):
+    case = make_case(seed=31, P=2, empty=(1, 3))
+    if layout == "packed":
+        case = to_packed(case, zero_length=True)
+    out, grads = check_against_reference(case, loss_type="sigmoid", spo_lambda=1.0)
+    assert out.policy_logps[1] == 0 and out.policy_logps[3] == 0
+    assert float(out.metrics["count/empty_completions"]) == 2
+
+
+def test_all_completions_empty():
+    case = make_case(seed=37, P=2, empty=(0, 1, 2, 3))
+    out, grads = check_against_reference(case, loss_type="sigmoid")
+    assert bool((out.policy_logps == 0).all())
+    assert bool((grads["hidden"] == 0).all()) and bool((grads["weight"] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    case = make_case(seed=41, P=2, T=12)
+    check_against_reference(case, dtype, loss_type="sigmoid", spo_lambda=1.0, softcap=8.0)
+
+
+def test_float64_is_rejected():
+    case = make_case(seed=1)
+    with pytest.raises(TypeError, match="hidden"):
+        sk.fused_linear_sequence_logprobs(case["hidden"].double(), case["weight"].double(), case["labels"],
+                                          backend="triton")
+
+
+def test_bad_config_is_rejected(monkeypatch):
+    _override(monkeypatch, gemm_m=64, block_n=32)
+    with pytest.raises(ValueError, match="gemm_m"):
+        LL.kernel_config(torch.float32)
+    _override(monkeypatch, block_h=24)
+    with pytest.raises(ValueError, match="block_h"):
+        LL.kernel_config(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient filter
+# ---------------------------------------------------------------------------------------------
+
+def _op_grads(case, grad_seq, eps, **kw):
+    plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
+    h2 = case["hidden"].reshape(-1, 80)
+    _, lse = LL.linear_forward(h2, case["weight"], case["bias"], plan, None, 1.0, save_lse=True)
+    return LL.linear_backward(h2, case["weight"], case["bias"], plan, None, 1.0, lse, grad_seq, True, True,
+                              case["bias"] is not None, grad_filter_eps=eps, **kw)
+
+
+def test_grad_filter(monkeypatch):
+    _override(monkeypatch, block_n=16, block_v=16, gemm_m=16, gemm_k=16)  # many small tiles to skip
+    case = make_case(seed=43, peaked=True)
+    grad_seq = torch.tensor([0.3, -0.2, 0.5, -0.1])
+    exact = _op_grads(case, grad_seq, 0.0)
+    # Off (the default) is exact: matches the float64 reference.
+    check_logprobs_grads(case, torch.float32, grad_seq)
+    # A tiny eps skips nothing that matters: close to exact.
+    tiny = _op_grads(case, grad_seq, 1e-12)
+    for a, b in zip(tiny, exact):
+        assert rel_err(a, b) <= 1e-6
+    # eps above every |g (onehot - p)| (|g| <= 0.5): every tile is skipped, the gradients are exactly zero.
+    for a in _op_grads(case, grad_seq, 0.6):
+        assert bool((a == 0).all())
+    # A moderate eps on this mixed case: approximate but close.
+    for a, b in zip(_op_grads(case, grad_seq, 1e-3), exact):
+        assert rel_err(a, b) <= 2e-2
+
+
+def test_grad_filter_skips_negligible_tiles(monkeypatch):
+    """Every token's softmax peaks at column 0 (gap ~30) and most targets are 0: a tile holding neither
+    column 0 nor a target is ~e^-30 everywhere. With eps=1e-3 those tiles are dropped (their dW rows become
+    exactly 0 instead of ~1e-14) and the gradients stay within 1e-5 of exact."""
+    _override(monkeypatch, block_n=16, block_v=16, gemm_m=16, gemm_k=16)
+    case = make_case(seed=45, bias=False)
+    w0 = case["weight"][0]
+    case["hidden"] = 0.1 * case["hidden"] + 30.0 * w0 / w0.norm() ** 2
+    labels = case["labels"]
+    keep = labels != -100
+    labels[keep] = 0
+    labels[0, -3], labels[2, -4] = 50, 90
+    grad_seq = torch.tensor([0.3, -0.2, 0.5, -0.1])
+    exact = _op_grads(case, grad_seq, 0.0)
+    approx = _op_grads(case, grad_seq, 1e-3)
+    for a, b in zip(approx, exact):
+        if b is not None:
+            assert rel_err(a, b) <= 1e-5
+    dw_exact, dw_approx = exact.weight, approx.weight
+    dropped = (dw_approx == 0).all(1) & (dw_exact != 0).any(1)
+    assert int(dropped.sum()) > 10, "the filter skipped no tile"
+    assert bool((dw_approx[[0, 50, 90]] != 0).any(1).all()), "a tile with real gradient was skipped"
+
+
+def test_grad_filter_through_api():
+    case = make_case(seed=47)
+    out, grads = run_loss(case, "triton", torch.float32, loss_type="sigmoid", grad_filter_eps=1e-4)
+    want, ref_grads = run_loss(case, "reference", torch.float64, loss_type="sigmoid")
+    for k in ("hidden", "weight", "bias"):
+        assert rel_err(grads[k], ref_grads[k]) <= 1e-2
