@@ -1,0 +1,387 @@
+"""Logits path (SPEC 1): fused log-softmax gather, per-sequence sums, and the in-place backward.
+
+Host launchers (the :class:`spo_kernels.backends.Backend` ops of the ``triton`` backend):
+
+- ``logits_forward(logits [N, V], plan, softcap, temperature) -> (seq_logps [S], lse [Nc])``
+- ``logits_backward(logits [N, V], plan, softcap, temperature, lse [Nc], grad_seq [S], out [N, V])``
+
+Math, for a plan token t (row r of the flattened logits, target y, sequence s) with raw logits x = logits[r]:
+
+    z = x;  z <- c * tanh(z / c)   (softcap c, optional);   z <- z / tau   (temperature tau, optional)
+    lse_t  = log sum_v exp(z_v)                      (online, over vocab tiles, fp32)
+    logp_t = z_y - lse_t
+    L_s    = sum_{t in s} logp_t
+    dloss/dx_v = g_s * (onehot(y)_v - exp(z_v - lse_t)) * dz_v/dx_v,   dz/dx = (1 - tanh^2(x / c)) / tau
+
+with ``g_s = dloss/dL_s`` (``grad_seq``). Inputs fp32/bf16/fp16 compute in fp32; float64 inputs compute in
+float64 (tests). Vocab lanes past V are set to -inf *after* every transform, so they never enter the
+softmax (verl #2656: lanes loaded as 0 gave log-probs of +123).
+
+Design:
+
+- Forward = two launches. ``_token_logprob_kernel``: grid ``(Nc,)``, one program per completion token
+  (ignored tokens are never launched), writes ``lse[t]`` and ``logp[t]``. ``_segment_sum_kernel``: grid
+  ``(S,)``, one program per sequence sums its contiguous run ``seq_offsets[s]:seq_offsets[s+1]`` of the
+  plan in a fixed order. Why not atomics into ``L``: the add order would vary run to run
+  (non-deterministic fp32 sums). Why not one program per sequence over the vocabulary: S is 8..64 in a
+  typical step, far too few programs to saturate HBM. The ``[Nc]`` fp32 logp buffer costs 4 bytes per
+  token against ``V * 2`` bytes read per token, and never passes through a PyTorch op.
+- Backward = one launch, grid ``(N,)``, one program per row of ``out``. A ``[N]`` int32 map row ->
+  plan index (-1 outside the plan) picks the branch: plan rows read their logits tile and overwrite the
+  same tile with the gradient (read-before-write inside one program, and each row belongs to exactly one
+  program, so ``out`` may be ``logits`` itself); other rows only write zeros (no read). Every element of
+  ``out`` is written exactly once: the minimum traffic, correct for an uninitialized ``out`` and for the
+  in-place case where the buffer still holds logits. The saved LSE is used, the reduction is never re-run.
+- 64-bit row offsets (``row * stride`` in int64) everywhere ``[N, V]`` is indexed; tokens and rows are on
+  grid axis 0 only (axes 1 and 2 stop at 65535).
+- Online LSE is kept per vocab lane (``m_v``, ``s_v`` vectors) and merged once at the end, with one exp
+  per element: ``s <- s * exp(m - z) + 1`` when z is the new max, else ``s <- s + exp(z - m)``; a single
+  ``exp(min(m, z) - max(m, z))`` serves both cases. No cross-lane reduction inside the vocab loop; the
+  running max starts at -FLT_MAX (finite), so no -inf guard is needed per element.
+- Vocab tiles of ``BLOCK_V = min(next_pow2(V), 4096)`` lanes (8 warps: 16 elements per thread). Full tiles
+  are loaded and stored unmasked; only the last, partial tile is masked. The forward is a streaming
+  read (bandwidth bound at V = 128k: about 10 ALU ops and one exp per 2-byte element); tile size and
+  warps are untuned guesses until a GPU session measures them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+# Largest vocab tile; V=128256 takes 32 tiles of 4096. Tests lower it to exercise several tiles.
+MAX_BLOCK_V = 4096
+# Tokens summed per step of the segment reduction.
+BLOCK_T = 256
+
+
+def _alloc(shape, dtype, device) -> Tensor:
+    """Every float buffer the launchers write comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tanh_sech2(u):
+    """``(tanh(u), 1 - tanh(u)^2)`` for any finite or infinite u, without ``tl.math.tanh`` (absent from
+    the interpreter and renamed across Triton versions).
+
+    ``e = exp(-2|u|)`` lies in [0, 1] (no overflow): ``tanh(u) = sign(u) (1 - e) / (1 + e)`` and
+    ``1 - tanh^2 = 4 e / (1 + e)^2`` (no cancellation when |tanh| -> 1). Near 0, ``1 - e`` cancels
+    (relative error ~ eps / |u|), so |u| < 0.25 uses the odd series
+    ``u - u^3/3 + 2u^5/15 - 17u^7/315 + 62u^9/2835`` (truncation below 1e-8 relative there).
+    """
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    t_abs = tl.where(a < 0.25, small, big)
+    t = tl.where(u < 0, -t_abs, t_abs)
+    sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
+    return t, sech2
+
+
+@triton.jit
+def _transform(x, softcap, temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
+    """SPEC 2 transform ``z = (c * tanh(x / c)) / tau`` in the compute dtype."""
+    z = x
+    if HAS_SOFTCAP:
+        t, _ = _tanh_sech2(x / softcap)
+        z = softcap * t
+    if HAS_TEMPERATURE:
+        z = z / temperature
+    return z
+
+
+@triton.jit
+def _col_offsets(vcols, stride_col, UNIT_COL_STRIDE: tl.constexpr):
+    """Column offsets of a tile: int32 for a contiguous row (vectorizable), int64 otherwise."""
+    if UNIT_COL_STRIDE:
+        return vcols
+    else:
+        return vcols.to(tl.int64) * stride_col
+
+
+# ---------------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------------
+
+# Initial running max of every lane: finite, below any finite logit, so ``m_new`` is never -inf and
+# ``exp(min(m, z) - m_new)`` never sees (-inf) - (-inf). With s = 0 it carries no mass.
+_NO_MAX = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX, exact in fp32 and fp64
+
+
+@triton.jit
+def _lse_tile(m, s, row_ptr, vcols, V, stride_col, softcap, temperature,
+              HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+              ACC: tl.constexpr, MASKED: tl.constexpr):
+    """Fold one vocab tile into the per-lane online log-sum-exp ``(m_v, s_v = sum exp(z - m_v))``.
+
+    One exp per element serves both cases: with ``d = exp(min(m, z) - max(m, z))``,
+    ``s <- s * d + 1`` when z is the new max (rescale the old sum), else ``s <- s + d``.
+    Only the last tile is ``MASKED``: its lanes >= V are set to -inf *after* the transform, so d = 0.
+    """
+    col_off = _col_offsets(vcols, stride_col, UNIT_COL_STRIDE)
+    if MASKED:
+        in_vocab = vcols < V
+        x = tl.load(row_ptr + col_off, mask=in_vocab, other=0.0).to(ACC)
+        z = _transform(x, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        z = tl.where(in_vocab, z, float("-inf"))
+    else:
+        x = tl.load(row_ptr + col_off).to(ACC)
+        z = _transform(x, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    m_new = tl.maximum(m, z)
+    d = tl.exp(tl.minimum(m, z) - m_new)
+    s = tl.where(z > m, s * d + 1.0, s + d)
+    return m_new, s
+
+
+@triton.jit
+def _token_logprob_kernel(
+    logits_ptr,        # [N, V] fp32/bf16/fp16/fp64
+    token_idx_ptr,     # [Nc] int64, row of each plan token
+    targets_ptr,       # [Nc] int64, its label in [0, V)
+    lse_ptr,           # [Nc] out, ACC
+    token_logp_ptr,    # [Nc] out, ACC
+    V, stride_row, stride_col,
+    softcap, temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    t = tl.program_id(0)  # plan token: grid axis 0 (up to 2^31 - 1 programs)
+    row = tl.load(token_idx_ptr + t).to(tl.int64)
+    target = tl.load(targets_ptr + t).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row  # 64-bit: row * stride may pass 2^31
+    cols = tl.arange(0, BLOCK_V)
+
+    # Per-lane online log-sum-exp: lane v holds the max m_v and s_v = sum exp(z - m_v) over the
+    # columns v, v + BLOCK_V, ...; no cross-lane reduction until the end.
+    m = tl.full([BLOCK_V], _NO_MAX, ACC)
+    s = tl.zeros([BLOCK_V], ACC)
+    v_full = (V // BLOCK_V) * BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):  # full tiles: no mask
+        m, s = _lse_tile(m, s, row_ptr, v0 + cols, V, stride_col, softcap, temperature,
+                         HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, False)
+    if v_full < V:  # the partial last tile
+        m, s = _lse_tile(m, s, row_ptr, v_full + cols, V, stride_col, softcap, temperature,
+                         HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, True)
+
+    # Merge lanes: lse = M + log(sum_v s_v exp(m_v - M)); M is finite (>= the sentinel).
+    m_row = tl.max(m, axis=0)
+    s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
+    lse = m_row + tl.log(s_row)
+
+    x_y = tl.load(row_ptr + _col_offsets(target, stride_col, UNIT_COL_STRIDE)).to(ACC)
+    z_y = _transform(x_y, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    tl.store(lse_ptr + t, lse)
+    tl.store(token_logp_ptr + t, z_y - lse)
+
+
+@triton.jit
+def _segment_sum_kernel(
+    token_logp_ptr,    # [Nc] ACC
+    seq_offsets_ptr,   # [S+1] int64: sequence s owns plan entries [off[s], off[s+1])
+    seq_logp_ptr,      # [S] out, ACC
+    ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """``L_s = sum_{t in [off[s], off[s+1])} logp_t``, fixed order (deterministic); empty runs give 0."""
+    seq = tl.program_id(0)
+    start = tl.load(seq_offsets_ptr + seq)
+    end = tl.load(seq_offsets_ptr + seq + 1)
+    acc = tl.zeros([BLOCK_T], ACC)
+    for t0 in range(start, end, BLOCK_T):
+        idx = t0 + tl.arange(0, BLOCK_T)
+        acc += tl.load(token_logp_ptr + idx, mask=idx < end, other=0.0).to(ACC)
+    tl.store(seq_logp_ptr + seq, tl.sum(acc, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _grad_tile(in_row, out_row, vcols, V, stride_in_col, stride_out_col, target, lse, g, softcap, temperature,
+               HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+               ACC: tl.constexpr, MASKED: tl.constexpr):
+    """``out = g (onehot(y) - exp(z - lse)) dz/dx`` on one tile, read before written (in-place safe)."""
+    in_off = _col_offsets(vcols, stride_in_col, UNIT_COL_STRIDE)
+    out_off = _col_offsets(vcols, stride_out_col, UNIT_COL_STRIDE)
+    if MASKED:
+        in_vocab = vcols < V
+        x = tl.load(in_row + in_off, mask=in_vocab, other=0.0).to(ACC)
+    else:
+        x = tl.load(in_row + in_off).to(ACC)
+    z = x
+    chain = 1.0
+    if HAS_SOFTCAP:
+        tanh_u, sech2_u = _tanh_sech2(x / softcap)
+        z = softcap * tanh_u
+        chain = sech2_u  # d/dx c tanh(x/c) = 1 - tanh^2(x/c)
+    if HAS_TEMPERATURE:
+        z = z / temperature
+        chain = chain / temperature
+    if MASKED:
+        z = tl.where(in_vocab, z, float("-inf"))  # lanes past V: p = 0 (and never stored)
+    p = tl.exp(z - lse)  # softmax from the saved LSE
+    onehot = tl.where(vcols == target, 1.0, 0.0)
+    dx = ((g * (onehot - p)) * chain).to(out_row.dtype.element_ty)
+    if MASKED:
+        tl.store(out_row + out_off, dx, mask=in_vocab)
+    else:
+        tl.store(out_row + out_off, dx)
+
+
+@triton.jit
+def _logits_backward_kernel(
+    logits_ptr,        # [N, V] input (may alias out_ptr)
+    out_ptr,           # [N, V] gradient, logits' dtype
+    row_token_ptr,     # [N] int32: plan index of each row, -1 outside the plan
+    targets_ptr,       # [Nc] int64
+    seq_id_ptr,        # [Nc] int64
+    lse_ptr,           # [Nc] ACC (saved by the forward)
+    grad_seq_ptr,      # [S] g_s = dloss/dL_s
+    V, stride_in_row, stride_in_col, stride_out_row, stride_out_col,
+    softcap, temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)  # row of [N, V]: grid axis 0
+    t = tl.load(row_token_ptr + r)
+    in_row = logits_ptr + r * stride_in_row  # 64-bit row offsets
+    out_row = out_ptr + r * stride_out_row
+    cols = tl.arange(0, BLOCK_V)
+    v_full = (V // BLOCK_V) * BLOCK_V
+    if t >= 0:  # a plan row: the gradient
+        target = tl.load(targets_ptr + t)
+        lse = tl.load(lse_ptr + t).to(ACC)
+        g = tl.load(grad_seq_ptr + tl.load(seq_id_ptr + t)).to(ACC)
+        for v0 in range(0, v_full, BLOCK_V):
+            _grad_tile(in_row, out_row, v0 + cols, V, stride_in_col, stride_out_col, target, lse, g, softcap,
+                       temperature, HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, False)
+        if v_full < V:
+            _grad_tile(in_row, out_row, v_full + cols, V, stride_in_col, stride_out_col, target, lse, g, softcap,
+                       temperature, HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, True)
+    else:  # any other row: zeros, written without reading
+        zeros = tl.zeros([BLOCK_V], out_ptr.dtype.element_ty)
+        for v0 in range(0, v_full, BLOCK_V):
+            tl.store(out_row + _col_offsets(v0 + cols, stride_out_col, UNIT_COL_STRIDE), zeros)
+        if v_full < V:
+            vcols = v_full + cols
+            tl.store(out_row + _col_offsets(vcols, stride_out_col, UNIT_COL_STRIDE), zeros, mask=vcols < V)
+
+
+# ---------------------------------------------------------------------------------------------------
+# host launchers
+# ---------------------------------------------------------------------------------------------------
+
+def _acc_dtypes(dtype: torch.dtype):
+    """(torch, triton) compute dtype: fp32 for fp32/bf16/fp16, float64 for float64."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    if dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.float32, tl.float32
+    raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {dtype}")
+
+
+def _block_v(vocab: int) -> int:
+    return max(16, min(triton.next_power_of_2(vocab), MAX_BLOCK_V))
+
+
+def _num_warps(block_v: int) -> int:
+    return 8 if block_v >= 2048 else 4
+
+
+def _transform_args(softcap, temperature):
+    has_softcap = softcap is not None
+    has_temperature = float(temperature) != 1.0
+    return (float(softcap) if has_softcap else 1.0, float(temperature), has_softcap, has_temperature)
+
+
+def _check_logits_2d(name: str, x: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be [N, V] (2-D), got shape {tuple(x.shape)}")
+
+
+def logits_forward(logits: Tensor, plan, softcap, temperature):
+    """Per-sequence summed completion log-probs and the per-token LSE, from logits.
+
+    Args:
+        logits: ``[N, V]`` fp32/bf16/fp16 (float64 for tests), any row stride.
+        plan: :class:`spo_kernels.layout.TokenPlan` over the N rows (its tensors on logits' device).
+        softcap: c of ``z <- c tanh(z / c)``, or None.  temperature: tau of ``z <- z / tau``.
+    Returns:
+        ``(seq_logps [S], lse [Nc])``, fp32 (float64 for float64 logits); ``lse`` is what
+        :func:`logits_backward` needs.
+    """
+    _check_logits_2d("logits", logits)
+    acc_torch, acc_tl = _acc_dtypes(logits.dtype)
+    num_rows, vocab = logits.shape
+    if num_rows != plan.num_rows:
+        raise ValueError(f"logits has {num_rows} rows, the token plan {plan.num_rows}")
+    device = logits.device
+    num_tokens, num_seqs = plan.num_tokens, plan.num_seqs
+    lse = _alloc((num_tokens,), acc_torch, device)
+    token_logp = _alloc((num_tokens,), acc_torch, device)
+    seq_logps = _alloc((num_seqs,), acc_torch, device)
+    softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(softcap, temperature)
+    block_v = _block_v(vocab)
+    if num_tokens > 0:
+        _token_logprob_kernel[(num_tokens,)](
+            logits, plan.token_idx, plan.targets, lse, token_logp,
+            vocab, logits.stride(0), logits.stride(1), softcap_v, temperature_v,
+            HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
+            UNIT_COL_STRIDE=logits.stride(1) == 1, ACC=acc_tl, BLOCK_V=block_v,
+            num_warps=_num_warps(block_v),
+        )
+    if num_seqs > 0:
+        _segment_sum_kernel[(num_seqs,)](
+            token_logp, plan.seq_offsets, seq_logps, ACC=acc_tl, BLOCK_T=BLOCK_T, num_warps=4,
+        )
+    return seq_logps, lse
+
+
+def logits_backward(logits: Tensor, plan, softcap, temperature, lse: Tensor, grad_seq: Tensor,
+                    out: Tensor) -> None:
+    """``out[r] = g_s * (onehot(y) - softmax(z)) * dz/dx`` for plan rows r, 0 for every other row.
+
+    Args:
+        logits: ``[N, V]`` as given to :func:`logits_forward` (unchanged since).
+        lse: ``[Nc]`` from :func:`logits_forward`.  grad_seq: ``[S]`` ``dloss/dL_s``.
+        out: ``[N, V]`` in logits' dtype, every element is written. It may be ``logits`` itself
+            (in-place backward: each row is read before it is overwritten, by the same program).
+    """
+    _check_logits_2d("logits", logits)
+    _check_logits_2d("out", out)
+    acc_torch, acc_tl = _acc_dtypes(logits.dtype)
+    if out.shape != logits.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(logits.shape)}")
+    num_rows, vocab = logits.shape
+    if num_rows != plan.num_rows:
+        raise ValueError(f"logits has {num_rows} rows, the token plan {plan.num_rows}")
+    if tuple(lse.shape) != (plan.num_tokens,) or tuple(grad_seq.shape) != (plan.num_seqs,):
+        raise ValueError(f"lse must be [{plan.num_tokens}] and grad_seq [{plan.num_seqs}], got "
+                         f"{tuple(lse.shape)} and {tuple(grad_seq.shape)}")
+    if num_rows == 0:
+        return
+    device = logits.device
+    # Row -> plan index map: O(N) int32 bookkeeping (N * 4 bytes against N * V * 2 written).
+    row_token = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+    if plan.num_tokens > 0:
+        row_token[plan.token_idx] = torch.arange(plan.num_tokens, dtype=torch.int32, device=device)
+    softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(softcap, temperature)
+    block_v = _block_v(vocab)
+    _logits_backward_kernel[(num_rows,)](
+        logits, out, row_token, plan.targets, plan.seq_id, lse.contiguous(), grad_seq.contiguous(),
+        vocab, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
+        softcap_v, temperature_v,
+        HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
+        UNIT_COL_STRIDE=(logits.stride(1) == 1 and out.stride(1) == 1), ACC=acc_tl, BLOCK_V=block_v,
+        num_warps=_num_warps(block_v),
+    )

@@ -1,0 +1,411 @@
+"""The closed-form loss step (SPEC 3-5) in one Triton launch.
+
+``loss_step(policy_logps [2P], counts [2P], ref_logps [2P] | None, cfg, anchor [P] | None, bco_delta)``
+returns the same :class:`spo_kernels.losses.LossStep` as :func:`spo_kernels.losses.preference_loss_step`
+(same formulas, same metric keys, same gradient ``g_s = dloss/dL_s``), computed by a single program:
+
+- pass 1 (only when a batch total is needed before any gradient: ``sft_weight > 0`` needs the chosen
+  token count, ``bco_pair`` without a given delta needs the batch mean reward) loops over the pairs in
+  blocks of ``BLOCK_P`` and reduces those totals;
+- pass 2 loops over the pairs again, writes ``g`` for the chosen and rejected sequence of each pair and
+  accumulates the loss and metric sums per lane, reduced once at the end.
+
+The loss type is a constexpr: each specialization contains one loss formula. The loss and the metrics
+land in one small buffer ``[len(_RESULT_SLOTS)]`` whose elements are returned as 0-d views (no
+further kernels). The work is ``O(P)`` scalars: one program is enough (P is at most a few thousand).
+
+Numerics: compute dtype fp32 (float64 when ``policy_logps`` is float64, as the torch loss step does);
+``logsig(x) = min(x, 0) - log1p(exp(-|x|))`` and ``sig`` in the branch-free stable form; DiscoPOP's
+``exp(-x) sig(x / tau)`` as ``exp(-x + logsig(x / tau))``. Scalar options reach the kernel as fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..losses import METRIC_NAMES, LossStep
+
+Tensor = torch.Tensor
+
+# Largest block of pairs per loop step (tests lower it to exercise several blocks).
+MAX_BLOCK_P = 256
+# Slots of the result buffer, in the order the kernel stores them.
+_RESULT_SLOTS = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    "logps/chosen", "logps/rejected", "nll", "spo/penalty", "spo/active_fraction", "count/empty_completions",
+)
+
+
+def _alloc(shape, dtype, device) -> Tensor:
+    """Every float buffer the launcher writes comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# stable scalar functions (elementwise on blocks of pairs)
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _log1p(u):
+    """``log(1 + u)`` for u in [0, 1], accurate for tiny u (no tl.log1p): with ``w = 1 + u`` rounded,
+    ``log(w) * u / (w - 1)`` corrects the rounding of w (exact to a few ulps); ``w == 1`` gives u."""
+    w = 1.0 + u
+    den = tl.where(w == 1.0, 1.0, w - 1.0)
+    return tl.where(w == 1.0, u, tl.log(w) * (u / den))
+
+
+@triton.jit
+def _logsigmoid(x):
+    """``logsig(x) = min(x, 0) - log1p(exp(-|x|))``: no overflow for any x."""
+    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    """``sig(x)`` as ``1 / (1 + e)`` (x >= 0) or ``e / (1 + e)`` (x < 0), ``e = exp(-|x|)`` in (0, 1]."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, rdpo_a, tau,
+               exo_log_1me, exo_log_e, LOSS: tl.constexpr):
+    """Per-pair base loss and its derivatives ``(loss_i, dloss_i/dpw, dloss_i/dpl)`` on the loss's basis
+    (``p``, ``r``: sums, or per-token means for ipo / simpo). Mirrors :mod:`spo_kernels.losses`."""
+    D = (pw - rw) - (pl - rl)
+    x = beta * D
+    if LOSS == "sigmoid":
+        # -(1-e) logsig(x) - e logsig(-x);  d/dx = -(1-e) sig(-x) + e sig(x)
+        loss = -(1.0 - eps) * _logsigmoid(x) - eps * _logsigmoid(-x)
+        dx = -(1.0 - eps) * _sigmoid(-x) + eps * _sigmoid(x)
+        dpw = beta * dx
+        dpl = -beta * dx
+    elif LOSS == "robust":
+        # (-(1-e) logsig(x) + e logsig(-x)) / (1 - 2e)
+        loss = (-(1.0 - eps) * _logsigmoid(x) + eps * _logsigmoid(-x)) / (1.0 - 2.0 * eps)
+        dx = (-(1.0 - eps) * _sigmoid(-x) - eps * _sigmoid(x)) / (1.0 - 2.0 * eps)
+        dpw = beta * dx
+        dpl = -beta * dx
+    elif LOSS == "hinge":
+        # relu(1 - x); the kink takes gradient 0
+        loss = tl.maximum(1.0 - x, 0.0)
+        dx = tl.where(1.0 - x > 0, -1.0, 0.0)
+        dpw = beta * dx
+        dpl = -beta * dx
+    elif LOSS == "ipo":
+        # (D - 1/(2b))^2 on per-token means
+        u = D - 0.5 / beta
+        loss = u * u
+        dpw = 2.0 * u
+        dpl = -2.0 * u
+    elif LOSS == "exo_pair":
+        # sig(x)(logsig(x) - log(1-e)) + sig(-x)(logsig(-x) - log e);  d/dx = sig(x) sig(-x) (x - log(1-e) + log e)
+        p = _sigmoid(x)
+        q = _sigmoid(-x)
+        loss = p * (_logsigmoid(x) - exo_log_1me) + q * (_logsigmoid(-x) - exo_log_e)
+        dx = p * q * (x - exo_log_1me + exo_log_e)
+        dpw = beta * dx
+        dpl = -beta * dx
+    elif LOSS == "nca_pair":
+        # -logsig(u_w) - 0.5 logsig(-u_w) - 0.5 logsig(-u_l),  u = b (p - r)
+        uw = beta * (pw - rw)
+        ul = beta * (pl - rl)
+        loss = -_logsigmoid(uw) - 0.5 * _logsigmoid(-uw) - 0.5 * _logsigmoid(-ul)
+        dpw = beta * (-_sigmoid(-uw) + 0.5 * _sigmoid(uw))
+        dpl = beta * (0.5 * _sigmoid(ul))
+    elif LOSS == "bco_pair":
+        # -logsig(u_w - d) - logsig(-(u_l - d)),  d = batch mean reward (or given)
+        uw = beta * (pw - rw) - bco_d
+        ul = beta * (pl - rl) - bco_d
+        loss = -_logsigmoid(uw) - _logsigmoid(-ul)
+        dpw = -beta * _sigmoid(-uw)
+        dpl = beta * _sigmoid(ul)
+    elif LOSS == "sppo_hard":
+        # (a - 1/(2b))^2 + (c + 1/(2b))^2
+        a = pw - rw - 0.5 / beta
+        c = pl - rl + 0.5 / beta
+        loss = a * a + c * c
+        dpw = 2.0 * a
+        dpl = 2.0 * c
+    elif LOSS == "apo_zero":
+        # 1 - sig(u_w) + sig(u_l);  sig' = sig(u) sig(-u)
+        uw = beta * (pw - rw)
+        ul = beta * (pl - rl)
+        loss = 1.0 - _sigmoid(uw) + _sigmoid(ul)
+        dpw = -beta * _sigmoid(uw) * _sigmoid(-uw)
+        dpl = beta * _sigmoid(ul) * _sigmoid(-ul)
+    elif LOSS == "apo_down":
+        # sig(u_w) + 1 - sig(x)
+        uw = beta * (pw - rw)
+        dx = -beta * _sigmoid(x) * _sigmoid(-x)
+        loss = _sigmoid(uw) + 1.0 - _sigmoid(x)
+        dpw = beta * _sigmoid(uw) * _sigmoid(-uw) + dx
+        dpl = -dx
+    elif LOSS == "discopop":
+        # -logsig(x) (1 - m) + exp(-x) m,  m = sig(x / tau);  exp(-x) m = exp(-x + logsig(x / tau))
+        # d/dx = -sig(-x)(1-m) + logsig(x) m' - exp(-x) m + exp(-x) m (1-m) / tau,  m' = m (1-m) / tau
+        m = _sigmoid(x / tau)
+        one_m = _sigmoid(-x / tau)
+        e_m = tl.exp(-x + _logsigmoid(x / tau))
+        ls = _logsigmoid(x)
+        loss = -ls * one_m + e_m
+        dx = -_sigmoid(-x) * one_m + ls * (m * one_m / tau) - e_m + e_m * one_m / tau
+        dpw = beta * dx
+        dpl = -beta * dx
+    elif LOSS == "simpo":
+        # -(1-e) logsig(b (pw - pl) - g) - e logsig(-(...)),  on per-token means
+        xs = beta * (pw - pl) - gamma
+        loss = -(1.0 - eps) * _logsigmoid(xs) - eps * _logsigmoid(-xs)
+        dx = -(1.0 - eps) * _sigmoid(-xs) + eps * _sigmoid(xs)
+        dpw = beta * dx
+        dpl = -beta * dx
+    elif LOSS == "cpo":
+        # -(1-e) logsig(b (L_w - L_l)) - e logsig(-(...))
+        xc = beta * (pw - pl)
+        loss = -(1.0 - eps) * _logsigmoid(xc) - eps * _logsigmoid(-xc)
+        dx = -(1.0 - eps) * _sigmoid(-xc) + eps * _sigmoid(xc)
+        dpw = beta * dx
+        dpl = -beta * dx
+    elif LOSS == "dpop":
+        # -logsig(b (D - k relu(R_w - L_w)));  dpw gets the extra k where the gap is active
+        gap = rw - pw
+        xd = beta * (D - dpop_k * tl.maximum(gap, 0.0))
+        dx = -_sigmoid(-xd)
+        loss = -_logsigmoid(xd)
+        dpw = beta * dx * (1.0 + dpop_k * tl.where(gap > 0, 1.0, 0.0))
+        dpl = -beta * dx
+    else:  # "rdpo"
+        # -logsig(b D + a (n_w - n_l)), raw lengths
+        xr = x + rdpo_a * (nw_raw - nl_raw)
+        dx = -_sigmoid(-xr)
+        loss = -_logsigmoid(xr)
+        dpw = beta * dx
+        dpl = -beta * dx
+    return loss, dpw, dpl
+
+
+# ---------------------------------------------------------------------------------------------------
+# the kernel
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _loss_step_kernel(
+    policy_ptr,      # [2P] L_s, chosen first
+    counts_ptr,      # [2P] n_s (any int or float dtype)
+    ref_ptr,         # [2P] R_s (read only when HAS_REF)
+    anchor_ptr,      # [P] SPO anchor (read only when HAS_ANCHOR)
+    bco_delta_ptr,   # [1] bco_pair shift (read only when HAS_BCO_DELTA)
+    grad_ptr,        # [2P] out: g_s = dloss/dL_s
+    result_ptr,      # [len(_RESULT_SLOTS)] out: loss, then the metrics
+    P,
+    beta, eps, gamma, dpop_k, rdpo_a, tau, exo_log_1me, exo_log_e,
+    sft_weight, spo_lambda, spo_margin,
+    LOSS: tl.constexpr, MEAN_BASIS: tl.constexpr, HAS_REF: tl.constexpr, HAS_ANCHOR: tl.constexpr,
+    HAS_BCO_DELTA: tl.constexpr, USE_SFT: tl.constexpr, USE_SPO: tl.constexpr, SPO_MEAN: tl.constexpr,
+    NEED_TOTALS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK_P)
+    zero = tl.zeros([BLOCK_P], ACC)
+    # 1/P in ACC (P may arrive as a constexpr when it is 1, so no P.to(...)).
+    inv_P = 1.0 / (tl.sum(zero, axis=0) + P)
+
+    # ---- pass 1: batch totals needed before any gradient -----------------------------------------
+    chosen_tokens = 1.0
+    bco_d = 0.0
+    if NEED_TOTALS:
+        tok_acc = zero
+        rew_acc = zero
+        for p0 in range(0, P, BLOCK_P):
+            i = p0 + lanes
+            valid = i < P
+            nw_raw = tl.load(counts_ptr + i, mask=valid, other=0).to(ACC)
+            tok_acc += nw_raw
+            if LOSS == "bco_pair":
+                nl_raw = tl.load(counts_ptr + P + i, mask=valid, other=0).to(ACC)
+                Lw = tl.load(policy_ptr + i, mask=valid, other=0.0).to(ACC)
+                Ll = tl.load(policy_ptr + P + i, mask=valid, other=0.0).to(ACC)
+                if HAS_REF:
+                    Rw = tl.load(ref_ptr + i, mask=valid, other=0.0).to(ACC)
+                    Rl = tl.load(ref_ptr + P + i, mask=valid, other=0.0).to(ACC)
+                else:
+                    Rw = zero
+                    Rl = zero
+                # u = b (p - r): bco_pair is on the summed basis
+                rew_acc += tl.where(valid, beta * (Lw - Rw) + beta * (Ll - Rl), 0.0)
+        chosen_tokens = tl.maximum(tl.sum(tok_acc, axis=0), 1.0)
+        bco_d = tl.sum(rew_acc, axis=0) * (0.5 * inv_P)  # mean over the 2P rewards
+    if HAS_BCO_DELTA:
+        bco_d = tl.load(bco_delta_ptr).to(ACC)
+
+    # ---- pass 2: per-pair loss, g_s, metric sums ---------------------------------------------------
+    loss_acc = zero
+    rew_w_acc = zero
+    rew_l_acc = zero
+    margin_acc = zero
+    correct_acc = zero
+    pw_acc = zero
+    pl_acc = zero
+    Lw_acc = zero
+    nw_acc = zero
+    pen_acc = zero
+    active_acc = zero
+    empty_acc = zero
+    for p0 in range(0, P, BLOCK_P):
+        i = p0 + lanes
+        valid = i < P
+        Lw = tl.load(policy_ptr + i, mask=valid, other=0.0).to(ACC)
+        Ll = tl.load(policy_ptr + P + i, mask=valid, other=0.0).to(ACC)
+        nw_raw = tl.load(counts_ptr + i, mask=valid, other=0).to(ACC)
+        nl_raw = tl.load(counts_ptr + P + i, mask=valid, other=0).to(ACC)
+        nw = tl.maximum(nw_raw, 1.0)  # an empty completion counts as length 1 (SPEC 7)
+        nl = tl.maximum(nl_raw, 1.0)
+        if HAS_REF:
+            Rw = tl.load(ref_ptr + i, mask=valid, other=0.0).to(ACC)
+            Rl = tl.load(ref_ptr + P + i, mask=valid, other=0.0).to(ACC)
+        else:
+            Rw = zero
+            Rl = zero
+        # basis: per-token means for ipo / simpo (chain rule d/dL = d/dp / n), sums otherwise
+        if MEAN_BASIS:
+            scale_w = 1.0 / nw
+            scale_l = 1.0 / nl
+            pw = Lw * scale_w
+            pl = Ll * scale_l
+            rw = Rw * scale_w
+            rl = Rl * scale_l
+        else:
+            scale_w = 1.0
+            scale_l = 1.0
+            pw = Lw
+            pl = Ll
+            rw = Rw
+            rl = Rl
+        loss_i, dpw, dpl = _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k,
+                                      rdpo_a, tau, exo_log_1me, exo_log_e, LOSS)
+        gw = dpw * scale_w * inv_P
+        gl = dpl * scale_l * inv_P
+        if USE_SFT:
+            gw -= sft_weight / chosen_tokens  # d/dL_w of sft_weight * (-sum L_w / sum n_w)
+        if HAS_ANCHOR:
+            a = tl.load(anchor_ptr + i, mask=valid, other=0.0).to(ACC)
+            if SPO_MEAN:
+                arg = a - Lw / nw + spo_margin
+            else:
+                arg = a - Lw + spo_margin
+            active = arg > 0  # the kink at exactly 0 takes gradient 0
+            pen_acc += tl.where(valid, tl.maximum(arg, 0.0), 0.0)
+            active_acc += tl.where(valid & active, 1.0, 0.0)
+            if USE_SPO:
+                if SPO_MEAN:
+                    gw -= tl.where(active, spo_lambda * inv_P / nw, 0.0)
+                else:
+                    gw -= tl.where(active, spo_lambda * inv_P, 0.0)
+        tl.store(grad_ptr + i, gw, mask=valid)
+        tl.store(grad_ptr + P + i, gl, mask=valid)
+
+        rew_w = beta * (pw - rw)
+        rew_l = beta * (pl - rl)
+        loss_acc += tl.where(valid, loss_i, 0.0)
+        rew_w_acc += tl.where(valid, rew_w, 0.0)
+        rew_l_acc += tl.where(valid, rew_l, 0.0)
+        margin_acc += tl.where(valid, rew_w - rew_l, 0.0)
+        correct_acc += tl.where(valid & (rew_w > rew_l), 1.0, 0.0)
+        pw_acc += tl.where(valid, pw, 0.0)
+        pl_acc += tl.where(valid, pl, 0.0)
+        Lw_acc += tl.where(valid, Lw, 0.0)
+        nw_acc += nw_raw  # masked lanes loaded 0
+        empty_acc += tl.where(valid & (nw_raw == 0), 1.0, 0.0) + tl.where(valid & (nl_raw == 0), 1.0, 0.0)
+
+    # ---- reduce and write, in the order of _RESULT_SLOTS -------------------------------------------
+    nll = -tl.sum(Lw_acc, axis=0) / tl.maximum(tl.sum(nw_acc, axis=0), 1.0)
+    loss = tl.sum(loss_acc, axis=0) * inv_P
+    if USE_SFT:
+        loss += sft_weight * nll
+    if HAS_ANCHOR:
+        penalty = tl.sum(pen_acc, axis=0) * inv_P
+        active_fraction = tl.sum(active_acc, axis=0) * inv_P
+        if USE_SPO:
+            loss += spo_lambda * penalty
+    else:
+        penalty = float("nan")
+        active_fraction = float("nan")
+    tl.store(result_ptr + 0, loss)
+    tl.store(result_ptr + 1, tl.sum(rew_w_acc, axis=0) * inv_P)    # rewards/chosen
+    tl.store(result_ptr + 2, tl.sum(rew_l_acc, axis=0) * inv_P)    # rewards/rejected
+    tl.store(result_ptr + 3, tl.sum(margin_acc, axis=0) * inv_P)   # rewards/margins
+    tl.store(result_ptr + 4, tl.sum(correct_acc, axis=0) * inv_P)  # rewards/accuracies
+    tl.store(result_ptr + 5, tl.sum(pw_acc, axis=0) * inv_P)       # logps/chosen
+    tl.store(result_ptr + 6, tl.sum(pl_acc, axis=0) * inv_P)       # logps/rejected
+    tl.store(result_ptr + 7, nll)                                  # nll
+    tl.store(result_ptr + 8, penalty)                              # spo/penalty
+    tl.store(result_ptr + 9, active_fraction)                      # spo/active_fraction
+    tl.store(result_ptr + 10, tl.sum(empty_acc, axis=0))           # count/empty_completions
+
+
+# ---------------------------------------------------------------------------------------------------
+# host launcher
+# ---------------------------------------------------------------------------------------------------
+
+def _block_p(num_pairs: int) -> int:
+    return max(16, min(triton.next_power_of_2(num_pairs), MAX_BLOCK_P))
+
+
+def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None, bco_delta=None) -> LossStep:
+    """Per-pair losses, the batch loss, ``g_s = dloss/dL_s`` and the metrics, in one kernel launch.
+
+    Args and result: as :func:`spo_kernels.losses.preference_loss_step`: ``policy_logps [2P]`` summed
+    completion log-probs (chosen first), ``counts [2P]`` completion lengths, ``ref_logps [2P]`` or None,
+    ``anchor [P]`` (per-token or summed per ``cfg.spo_normalize``) or None (SPO metrics NaN),
+    ``bco_delta`` a scalar tensor or None (batch mean). Returns :class:`LossStep` with ``loss`` (0-d),
+    ``grad [2P]`` and the metrics (0-d views of one result buffer), fp32 (float64 for float64 log-probs).
+    """
+    if policy_logps.dim() != 1 or policy_logps.shape[0] % 2 != 0 or policy_logps.shape[0] == 0:
+        raise ValueError(f"policy_logps must be [2P] with P >= 1, got shape {tuple(policy_logps.shape)}")
+    S = policy_logps.shape[0]
+    P = S // 2
+    if tuple(counts.shape) != (S,):
+        raise ValueError(f"counts must be [{S}], got {tuple(counts.shape)}")
+    device = policy_logps.device
+    acc_torch = torch.promote_types(policy_logps.dtype, torch.float32)
+    if acc_torch not in (torch.float32, torch.float64):
+        raise TypeError(f"policy_logps must be a float tensor, got {policy_logps.dtype}")
+    acc_tl = tl.float64 if acc_torch == torch.float64 else tl.float32
+
+    ref_free = cfg.reference_free or cfg.loss_type in ("simpo", "cpo")
+    has_ref = ref_logps is not None and not ref_free
+    if has_ref and tuple(ref_logps.shape) != (S,):
+        raise ValueError(f"ref_logps must be [{S}], got {tuple(ref_logps.shape)}")
+    has_anchor = anchor is not None
+    if has_anchor and tuple(anchor.shape) != (P,):
+        raise ValueError(f"anchor must be [{P}], got {tuple(anchor.shape)}")
+    has_bco_delta = cfg.loss_type == "bco_pair" and bco_delta is not None
+    if has_bco_delta and bco_delta.numel() != 1:
+        raise ValueError(f"bco_delta must be a scalar tensor, got shape {tuple(bco_delta.shape)}")
+
+    exo_e = cfg.label_smoothing if cfg.label_smoothing > 0 else 1e-3
+    policy = policy_logps.detach().contiguous()
+    counts_c = counts.detach().contiguous()
+    ref = ref_logps.detach().contiguous() if has_ref else policy
+    anchor_c = anchor.detach().contiguous() if has_anchor else policy
+    bco_c = bco_delta.detach().reshape(1) if has_bco_delta else policy
+
+    use_sft = cfg.sft_weight > 0
+    bco_batch_mean = cfg.loss_type == "bco_pair" and not has_bco_delta  # pass 1 needs the mean reward
+    grad = _alloc((S,), acc_torch, device)
+    result = _alloc((len(_RESULT_SLOTS),), acc_torch, device)
+    _loss_step_kernel[(1,)](
+        policy, counts_c, ref, anchor_c, bco_c, grad, result, P,
+        float(cfg.beta), float(cfg.label_smoothing), float(cfg.simpo_gamma), float(cfg.dpop_lambda),
+        float(cfg.rdpo_alpha), float(cfg.discopop_tau), math.log1p(-exo_e), math.log(exo_e),
+        float(cfg.sft_weight), float(cfg.spo_lambda), float(cfg.spo_margin),
+        LOSS=cfg.loss_type, MEAN_BASIS=cfg.mean_basis, HAS_REF=has_ref, HAS_ANCHOR=has_anchor,
+        HAS_BCO_DELTA=has_bco_delta, USE_SFT=use_sft, USE_SPO=has_anchor and cfg.spo_lambda > 0,
+        SPO_MEAN=cfg.spo_normalize == "mean", NEED_TOTALS=use_sft or bco_batch_mean, ACC=acc_tl,
+        BLOCK_P=_block_p(P), num_warps=4,
+    )
+    metrics = {name: result[_RESULT_SLOTS.index(name)] for name in METRIC_NAMES}
+    return LossStep(loss=result[0], grad=grad, metrics=metrics)
