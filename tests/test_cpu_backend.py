@@ -1,0 +1,407 @@
+"""The ``cpu`` backend (C++ extension spo_kernels._cpu) against the float64 reference and the torch backend.
+
+Skipped when the extension is not built. Tolerances are SPEC 7's: fp32 inputs, loss / log-probs rel
+1e-5 and gradients rel (norm) 1e-4; bf16 / fp16 inputs, loss rel 1e-3 and gradients rel 2e-2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spo_kernels as sk
+from spo_kernels.backends import get_backend, resolve_backend_name
+from spo_kernels.backends.cpu import CpuBackend, extension_available
+from spo_kernels.backends.torch_chunked import TorchChunkedBackend
+from spo_kernels.layout import build_plan
+
+pytestmark = pytest.mark.skipif(not extension_available(),
+                                reason="spo_kernels._cpu (the cpu backend's C++ extension) is not built")
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-3, 2e-2), torch.float16: (1e-3, 2e-2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# batches and comparisons
+# ---------------------------------------------------------------------------------------------
+
+def make_batch(P=2, T=23, H=40, V=97, *, bias=True, seed=0, empty=(), peaked=False, scale=1.0):
+    """fp32 batch [2P, T, ...]: random prompt lengths, completions, some tail padding; ``empty`` lists
+    sequences without completion tokens; ``peaked`` makes vocab row 0 dominate by ~30 nats for every
+    other position; ``scale`` shrinks hidden (small scale: nearly flat softmax)."""
+    g = torch.Generator().manual_seed(seed)
+    S = 2 * P
+    hidden = torch.randn(S, T, H, generator=g) * scale
+    weight = torch.randn(V, H, generator=g) / H ** 0.5
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    labels = torch.randint(0, V, (S, T), generator=g)
+    prompt = torch.randint(1, max(2, T // 2), (S,), generator=g)
+    for s in range(S):
+        labels[s, : int(prompt[s])] = -100
+        pad = int(torch.randint(0, 3, (1,), generator=g))
+        if pad:
+            labels[s, T - pad:] = -100
+        if s in empty:
+            labels[s] = -100
+    if peaked:
+        hidden[:, ::2] += 30.0 * weight[0] / weight[0].norm() ** 2
+    ref_hidden = hidden + 0.3 * torch.randn(S, T, H, generator=g)
+    ref_weight = weight + 0.05 * torch.randn(V, H, generator=g) / H ** 0.5
+    return dict(hidden=hidden, weight=weight, bias=b, labels=labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+
+
+def to_packed(x, labels):
+    """[S, T, ...] -> packed [N, ...] keeping each sequence's prefix through its last completion token."""
+    lengths = []
+    for row in labels:
+        idx = (row != -100).nonzero()
+        lengths.append(int(idx[-1]) + 1 if len(idx) else 1 + len(lengths) % 3)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    xs = torch.cat([x[s, :n] for s, n in enumerate(lengths)]) if x is not None else None
+    ls = torch.cat([labels[s, :n] for s, n in enumerate(lengths)])
+    return xs, ls, cu
+
+
+def rel_err(a, b) -> float:
+    """Relative error in norm; NaN/inf anywhere gives inf (NaN never passes)."""
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def assert_rel(a, b, tol, what):
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: rel err {err:.3g} > {tol:g}"
+
+
+def layout_inputs(batch, layout, dtype):
+    """(hidden, ref_hidden, labels, cu_seqlens) in the requested layout and dtype."""
+    h, rh, labels = batch["hidden"], batch["ref_hidden"], batch["labels"]
+    if layout == "packed":
+        ph, pl, cu = to_packed(h, labels)
+        prh, _, _ = to_packed(rh, labels)
+        return ph.to(dtype), prh.to(dtype), pl, cu
+    return h.to(dtype), rh.to(dtype), labels, None
+
+
+def run_linear(batch, layout, dtype, backend, *, compute_dtype=None, frozen=False, **opts):
+    """fused_linear_preference_loss with grads. compute_dtype: upcast the (dtype-rounded) inputs first."""
+    h, rh, labels, cu = layout_inputs(batch, layout, dtype)
+    w, rw = batch["weight"].to(dtype), batch["ref_weight"].to(dtype)
+    b = None if batch["bias"] is None else batch["bias"].to(dtype)
+    if compute_dtype is not None:
+        h, rh, w, rw = h.to(compute_dtype), rh.to(compute_dtype), w.to(compute_dtype), rw.to(compute_dtype)
+        b = None if b is None else b.to(compute_dtype)
+    h = h.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(not frozen)
+    if b is not None:
+        b = b.detach().requires_grad_(not frozen)
+    kw = dict(opts)
+    if backend is not None:
+        kw["backend"] = backend
+    out = sk.fused_linear_preference_loss(h, w, labels, b, cu_seqlens=cu, ref_hidden=rh, ref_weight=rw,
+                                          ref_bias=None if b is None else b.detach(), **kw)
+    out.loss.backward()
+    return out, {"hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
+
+
+def assert_loss_close(loss, ref_out, tol, beta, what):
+    """|loss - ref| <= tol * max(|ref|, beta * max|L|): the loss is a (beta-scaled) difference of fp32
+    log-probs, so its error is bounded by the log-probs' relative error times their size."""
+    a, b = float(loss.detach()), float(ref_out.loss.detach())
+    scale = max(abs(b), beta * float(ref_out.policy_logps.abs().max()))
+    assert a == a and abs(a - b) <= tol * scale, f"{what}: {a} vs {b} (tol {tol:g} x {scale:.3g})"
+
+
+def check_torch_agreement(out, grads, tor, tor_grads, ref, ref_grads, dtype, beta):
+    """fp32: cpu and torch backends agree to SPEC 7's tolerances. bf16: the torch backend rounds its
+    GEMM output (the logits) to bf16 while the cpu backend keeps them in fp32, so instead of agreeing
+    with it the cpu backend must be at least as close to the reference."""
+    loss_tol, grad_tol = TOL[dtype]
+    if dtype == torch.float32:
+        assert_loss_close(out.loss, tor, loss_tol, beta, "cpu vs torch loss")
+        for k in grads:
+            if grads[k] is not None:
+                assert_rel(grads[k], tor_grads[k], grad_tol, f"cpu vs torch d{k}")
+        return
+    assert rel_err(out.loss, ref.loss) <= max(rel_err(tor.loss, ref.loss), loss_tol)
+    for k in grads:
+        if grads[k] is not None:
+            assert rel_err(grads[k], ref_grads[k]) <= max(1.05 * rel_err(tor_grads[k], ref_grads[k]), grad_tol)
+
+
+def check_against(out, grads, ref_out, ref_grads, dtype, what, beta):
+    loss_tol, grad_tol = TOL[dtype]
+    assert out.loss.dtype == torch.float32
+    assert_loss_close(out.loss, ref_out, loss_tol, beta, f"{what} loss")
+    assert_rel(out.policy_logps, ref_out.policy_logps, loss_tol, f"{what} logps")
+    for name, g in grads.items():
+        r = ref_grads[name]
+        if r is None:
+            assert g is None, f"{what}: unexpected grad for {name}"
+            continue
+        assert g is not None and g.dtype == dtype, f"{what}: grad {name} missing or wrong dtype"
+        assert_rel(g, r, grad_tol, f"{what} d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# selection
+# ---------------------------------------------------------------------------------------------
+
+def test_auto_selects_cpu_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("SPO_KERNELS_BACKEND", raising=False)
+    assert resolve_backend_name(None, torch.device("cpu")) == "cpu"
+    assert isinstance(get_backend("cpu"), CpuBackend)
+    batch = make_batch(seed=3)
+    auto, auto_g = run_linear(batch, "padded", torch.float32, None, beta=0.2)
+    cpu, cpu_g = run_linear(batch, "padded", torch.float32, "cpu", beta=0.2)
+    # the cpu backend is deterministic: no backend argument must give the very same numbers
+    assert torch.equal(auto.loss, cpu.loss)
+    for k in auto_g:
+        assert torch.equal(auto_g[k], cpu_g[k])
+    monkeypatch.setenv("SPO_KERNELS_BACKEND", "torch")
+    assert resolve_backend_name(None, torch.device("cpu")) == "torch"
+
+
+# ---------------------------------------------------------------------------------------------
+# fused-linear path
+# ---------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "plain": dict(batch=dict(), opts=dict()),
+    "softcap_temp": dict(batch=dict(), opts=dict(softcap=3.0, temperature=0.7)),
+    "peaked": dict(batch=dict(peaked=True), opts=dict()),
+    "flat": dict(batch=dict(scale=1e-3), opts=dict()),
+    "nobias_spo": dict(batch=dict(bias=False), opts=dict(spo_lambda=1.0, loss_type="ipo")),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_linear_vs_reference_and_torch(variant, layout, dtype):
+    v = VARIANTS[variant]
+    batch = make_batch(seed=11, **v["batch"])
+    opts = dict(beta=0.5, **v["opts"])
+    out, grads = run_linear(batch, layout, dtype, "cpu", **opts)
+    ref, ref_grads = run_linear(batch, layout, dtype, "reference", compute_dtype=torch.float64, **opts)
+    check_against(out, grads, ref, ref_grads, dtype, f"cpu vs reference [{variant}/{layout}]", opts["beta"])
+    tor, tor_grads = run_linear(batch, layout, dtype, "torch", **opts)
+    check_torch_agreement(out, grads, tor, tor_grads, ref, ref_grads, dtype, opts["beta"])
+    for k, val in out.metrics.items():
+        r = ref.metrics[k]
+        assert (val != val) == (r != r), k
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_linear_frozen_head(layout):
+    batch = make_batch(seed=5)
+    out, grads = run_linear(batch, layout, torch.float32, "cpu", frozen=True, softcap=5.0)
+    ref, ref_grads = run_linear(batch, layout, torch.float32, "reference", compute_dtype=torch.float64,
+                                frozen=True, softcap=5.0)
+    assert grads["weight"] is None and grads["bias"] is None
+    check_against(out, grads, ref, ref_grads, torch.float32, "frozen head", 0.1)
+
+
+@pytest.mark.parametrize("path", ["linear", "logits"])
+def test_empty_completions(path):
+    batch = make_batch(P=3, seed=7, empty=(1, 4))
+    if path == "linear":
+        out, grads = run_linear(batch, "packed", torch.float32, "cpu", spo_lambda=1.0)
+        ref, ref_grads = run_linear(batch, "packed", torch.float32, "reference", compute_dtype=torch.float64,
+                                    spo_lambda=1.0)
+        check_against(out, grads, ref, ref_grads, torch.float32, "empty completions", 0.1)
+    else:
+        out, g = run_logits(batch, "padded", torch.float32, "cpu", True, spo_lambda=1.0)
+        ref, rg = run_logits(batch, "padded", torch.float32, "reference", False, compute_dtype=torch.float64,
+                             spo_lambda=1.0)
+        assert_loss_close(out.loss, ref, 1e-5, 0.1, "loss")
+        assert_rel(g, rg, 1e-4, "dlogits")
+        assert torch.all(g[1] == 0) and torch.all(g[4] == 0)
+    assert float(out.policy_logps[1]) == 0.0 and float(out.policy_logps[4]) == 0.0
+    assert float(out.metrics["count/empty_completions"]) == 2.0
+
+
+def test_fp16_fused_linear():
+    batch = make_batch(seed=2)
+    out, grads = run_linear(batch, "packed", torch.float16, "cpu", softcap=4.0)
+    ref, ref_grads = run_linear(batch, "packed", torch.float16, "reference", compute_dtype=torch.float64,
+                                softcap=4.0)
+    check_against(out, grads, ref, ref_grads, torch.float16, "fp16", 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# logits path
+# ---------------------------------------------------------------------------------------------
+
+def run_logits(batch, layout, dtype, backend, inplace, *, compute_dtype=None, **opts):
+    """preference_loss on logits = hidden @ W^T + b (rounded to dtype); returns (out, dlogits)."""
+    h, rh, labels, cu = layout_inputs(batch, layout, torch.float32)
+    w, b = batch["weight"], batch["bias"]
+    logits = h @ w.t() + (b if b is not None else 0)
+    ref_logits = rh @ batch["ref_weight"].t() + (b if b is not None else 0)
+    logits, ref_logits = logits.to(dtype), ref_logits.to(dtype)
+    if compute_dtype is not None:
+        logits, ref_logits = logits.to(compute_dtype), ref_logits.to(compute_dtype)
+    logits = logits.detach().requires_grad_(True)
+    out = sk.preference_loss(logits, labels, cu_seqlens=cu, ref_logits=ref_logits, backend=backend,
+                             inplace_backward=inplace, **opts)
+    out.loss.backward()
+    return out, logits.grad
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "alloc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("variant", ["plain", "softcap_temp", "peaked", "flat"])
+def test_logits_path_vs_reference_and_torch(variant, layout, dtype, inplace):
+    v = VARIANTS[variant]
+    batch = make_batch(seed=13, **v["batch"])
+    opts = dict(beta=0.3, spo_lambda=0.5, **v["opts"])
+    out, g = run_logits(batch, layout, dtype, "cpu", inplace, **opts)
+    ref, rg = run_logits(batch, layout, dtype, "reference", False, compute_dtype=torch.float64, **opts)
+    loss_tol, grad_tol = TOL[dtype]
+    assert g.dtype == dtype
+    assert_loss_close(out.loss, ref, loss_tol, opts["beta"], "loss")
+    assert_rel(out.policy_logps, ref.policy_logps, loss_tol, "logps")
+    assert_rel(out.ref_logps, ref.ref_logps, loss_tol, "ref logps")
+    assert_rel(g, rg, grad_tol, "dlogits")
+    # the logits path reads the same (dtype) logits in every backend: cpu and torch agree at any dtype
+    tor, tg = run_logits(batch, layout, dtype, "torch", inplace, **opts)
+    assert_loss_close(out.loss, tor, loss_tol, opts["beta"], "cpu vs torch loss")
+    assert_rel(g, tg, grad_tol, "cpu vs torch dlogits")
+
+
+def test_sequence_logprobs_any_upstream_gradient():
+    batch = make_batch(seed=17)
+    h, _, labels, cu = layout_inputs(batch, "packed", torch.float32)
+    w, b = batch["weight"], batch["bias"]
+    coef = torch.randn(len(cu) - 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def grads(backend, dtype):
+        hh, ww, bb = (x.to(dtype).detach().requires_grad_(True) for x in (h, w, b))
+        lp = sk.fused_linear_sequence_logprobs(hh, ww, labels, bb, cu_seqlens=cu, backend=backend,
+                                               softcap=2.5, temperature=1.3).logps
+        (lp.double() * coef).sum().backward()
+        z = (hh @ ww.t() + bb).detach().requires_grad_(True)
+        lz = sk.sequence_logprobs(z, labels, cu_seqlens=cu, backend=backend, softcap=2.5, temperature=1.3).logps
+        (lz.double() * coef).sum().backward()
+        return lp, hh.grad, ww.grad, bb.grad, lz, z.grad
+
+    ours, ref = grads("cpu", torch.float32), grads("reference", torch.float64)
+    for i, (a, r) in enumerate(zip(ours, ref)):
+        assert_rel(a, r, 1e-5 if i in (0, 4) else 1e-4, f"output {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops directly: poisoned outputs, strides, tiling, need-flags, determinism
+# ---------------------------------------------------------------------------------------------
+
+def _plan(labels, V, cu=None):
+    lead = labels.shape
+    return build_plan(labels, V, -100, lead, labels.device, cu, pairs=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_logits_backward_poisoned_out_and_strides(dtype):
+    g = torch.Generator().manual_seed(1)
+    N, V = 37, 97
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::3] = -100
+    cu = torch.tensor([0, 10, 37], dtype=torch.int32)
+    plan = _plan(labels, V, cu)
+    wide = (torch.randn(N, 2 * V, generator=g) * 3).to(dtype)
+    logits = wide[:, ::2]  # rows not contiguous in the last dim
+    cpu, tor = CpuBackend(), TorchChunkedBackend()
+    seq, lse = cpu.logits_forward(logits, plan, 4.0, 0.8)
+    seq_t, lse_t = tor.logits_forward(logits, plan, 4.0, 0.8)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert seq.dtype == acc and lse.dtype == acc
+    assert_rel(seq, seq_t, 1e-6, "seq")
+    assert_rel(lse, lse_t, 1e-6, "lse")
+    grad_seq = torch.randn(2, generator=g, dtype=acc)
+    out = torch.full((N, V), float("nan"), dtype=dtype)
+    cpu.logits_backward(logits, plan, 4.0, 0.8, lse, grad_seq, out)
+    ref = torch.full((N, V), float("nan"), dtype=dtype)
+    tor.logits_backward(logits, plan, 4.0, 0.8, lse_t, grad_seq, ref)
+    assert torch.isfinite(out.float()).all()
+    assert torch.all(out[::3] == 0)
+    assert_rel(out, ref, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, "dlogits")
+    # out with a strided last dim too
+    out2 = torch.full((N, 2 * V), float("nan"), dtype=dtype)[:, 1::2]
+    cpu.logits_backward(logits, plan, 4.0, 0.8, lse, grad_seq, out2)
+    assert torch.equal(out2, out)
+    # in place on a contiguous buffer: same numbers
+    buf = logits.contiguous()
+    cpu.logits_backward(buf, plan, 4.0, 0.8, lse, grad_seq, buf)
+    assert torch.equal(buf, out)
+
+
+def test_linear_ops_many_tiles_and_blocks(monkeypatch):
+    """> 4096 tokens (several token tiles) and a tiny block budget (many vocabulary blocks)."""
+    g = torch.Generator().manual_seed(4)
+    N, H, V = 5000, 12, 300
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H ** 0.5
+    bias = torch.randn(V, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[:300] = -100
+    cu = torch.tensor([0, 2000, 2600, 4100, 5000], dtype=torch.int32)
+    plan = _plan(labels, V, cu)
+    assert plan.num_tokens > 4096
+    monkeypatch.setenv("SPO_KERNELS_CPU_BLOCK_MB", "0.01")  # clamps to 64 KiB: blocks of 64 vocab rows
+    cpu, tor = CpuBackend(), TorchChunkedBackend()
+    seq, lse = cpu.linear_forward(hidden, weight, bias, plan, 2.0, 1.5, True)
+    seq_t, lse_t = tor.linear_forward(hidden, weight, bias, plan, 2.0, 1.5, True)
+    assert_rel(seq, seq_t, 1e-5, "seq")
+    assert_rel(lse, lse_t, 1e-5, "lse")
+    gs = torch.randn(4, generator=g)
+    ours = cpu.linear_backward(hidden, weight, bias, plan, 2.0, 1.5, lse, gs, True, True, True)
+    ref = tor.linear_backward(hidden, weight, bias, plan, 2.0, 1.5, lse_t, gs, True, True, True)
+    for k in ("hidden", "weight", "bias"):
+        assert_rel(getattr(ours, k), getattr(ref, k), 1e-4, k)
+    assert torch.all(ours.hidden[:300] == 0)
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, False, False)])
+def test_linear_backward_need_flags(need):
+    batch = make_batch(seed=9)
+    h, _, labels, cu = layout_inputs(batch, "packed", torch.bfloat16)
+    w, b = batch["weight"].to(torch.bfloat16), batch["bias"].to(torch.bfloat16)
+    plan = _plan(labels, w.shape[0], cu)
+    cpu, tor = CpuBackend(), TorchChunkedBackend()
+    _, lse = cpu.linear_forward(h, w, b, plan, None, 1.0, True)
+    gs = torch.randn(plan.num_seqs)
+    ours = cpu.linear_backward(h, w, b, plan, None, 1.0, lse, gs, *need, deterministic=True, grad_filter_eps=0.1)
+    ref = tor.linear_backward(h, w, b, plan, None, 1.0, lse, gs, *need)
+    for k, flag in zip(("hidden", "weight", "bias"), need):
+        a, r = getattr(ours, k), getattr(ref, k)
+        if not flag:
+            assert a is None
+        else:
+            assert a.dtype == torch.bfloat16 and a.shape == r.shape
+            assert_rel(a, r, 2e-2, k)
+
+
+def test_linear_empty_plan_and_determinism():
+    batch = make_batch(seed=21)
+    h, _, labels, cu = layout_inputs(batch, "packed", torch.float32)
+    w, b = batch["weight"], batch["bias"]
+    cpu = CpuBackend()
+    empty = _plan(torch.full_like(labels, -100), w.shape[0], cu)
+    seq, lse = cpu.linear_forward(h, w, b, empty, None, 1.0, True)
+    assert torch.equal(seq, torch.zeros(empty.num_seqs)) and lse.numel() == 0
+    gr = cpu.linear_backward(h, w, b, empty, None, 1.0, lse, torch.ones(empty.num_seqs), True, True, True)
+    assert torch.all(gr.hidden == 0) and torch.all(gr.weight == 0) and torch.all(gr.bias == 0)
+    plan = _plan(labels, w.shape[0], cu)
+    runs = []
+    for _ in range(2):
+        s, l = cpu.linear_forward(h, w, b, plan, None, 1.0, True)
+        runs.append((s, cpu.linear_backward(h, w, b, plan, None, 1.0, l, torch.ones(plan.num_seqs),
+                                            True, True, True)))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, c in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, c)
