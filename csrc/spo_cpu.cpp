@@ -14,7 +14,10 @@
 //             dW_blk = dz^T @ h_tile (+= over token tiles): every dW block is produced by GEMMs with
 //             K = tokens and written once, never re-read per token chunk.
 // The full [tokens, V] logits never exist. Everything is in fixed order (no atomics), so results
-// are deterministic; bf16/fp16 operands are upcast to fp32 per tile / per block.
+// are deterministic. bf16/fp16 operands are upcast to fp32 per tile / per block for the logits
+// GEMMs (a bf16 GEMM would round the logits to bf16); with bf16 operands on a CPU with native bf16
+// GEMMs the two gradient GEMMs take dz rounded to bf16 (bf16_grad_gemms).
+// A frozen head gets its own forward (linear_forward_frozen) that leaves the backward no GEMM.
 
 // ATen + torch's pybind11 casters only (not all of torch/extension.h): half the compile time.
 #include <ATen/ATen.h>
@@ -35,6 +38,7 @@ namespace spo_cpu {
 namespace {
 
 constexpr int64_t kMaxTileTokens = 4096;
+constexpr int64_t kMinFrozenTile = 128;  // tokens per whole-vocabulary tile of the frozen-head forward
 
 const KernelTable* select_table() {
 #if SPO_CPU_X86_VARIANTS
@@ -282,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_opt,
     const at::Tensor& token_idx_in, const at::Tensor& targets_in, const at::Tensor& seq_id_in,
     const at::Tensor& lse_in, const at::Tensor& grad_seq, double softcap, double temperature, bool need_hidden,
-    bool need_weight, bool need_bias, int64_t block_bytes) {
+    bool need_weight, bool need_bias, int64_t block_bytes, bool bf16_grad_gemms) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
               "spo_kernels._cpu: hidden [N, H] and weight [V, H] expected");
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "spo_kernels._cpu: CPU tensors expected");
@@ -317,8 +321,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   at::Tensor zbuf = at::empty({tl.tile * tl.block}, opts);
   at::Tensor h_single = ntiles == 1 ? gather_tile(hidden, token_idx, 0, nc, acc) : at::Tensor();
   at::Tensor dh_acc = need_hidden ? at::zeros({nc, H}, opts) : at::Tensor();
-  // dW blocks go straight into dw when it has the accumulation dtype; else through a block buffer.
-  const bool dw_direct = need_weight && weight.scalar_type() == acc;
+  // bf16 operands on a CPU with native bf16 GEMMs: the logits (forward and recompute) stay fp32
+  // GEMMs, but dz (rounded to bf16) @ W and dz^T @ h run as bf16 GEMMs accumulating in fp32; their
+  // results are bf16 gradients anyway (dh blocks are summed in fp32).
+  const bool lowp = bf16_grad_gemms && hidden.scalar_type() == at::kBFloat16 &&
+                    weight.scalar_type() == at::kBFloat16 && (need_hidden || need_weight);
+  at::Tensor h_single_lp = lowp && need_weight && ntiles == 1 ? hidden.index_select(0, token_idx) : at::Tensor();
+  at::Tensor zlp_buf = lowp ? at::empty({tl.tile * tl.block}, hidden.options()) : at::Tensor();
+  // dW blocks go straight into dw when it has the GEMM's output dtype and one GEMM makes each block;
+  // else through an fp32 block buffer.
+  const bool dw_direct = need_weight && (weight.scalar_type() == acc || (lowp && ntiles == 1));
   at::Tensor dwbuf = need_weight && !dw_direct ? at::empty({tl.block, H}, opts) : at::Tensor();
   at::Tensor dbbuf = need_bias ? at::empty({tl.block}, opts) : at::Tensor();
   const GradFn fn = kernels()->grad[di];
@@ -343,15 +355,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
         fn(zb, zb, nullptr, vb, vb, vb, r0, r1, tgt, v0, lp, gp, cap, inv_t);
       });
       // z now holds dz for this (token tile, vocabulary block).
-      if (need_hidden) {
-        at::Tensor dh_t = dh_acc.narrow(0, t0, len);
-        dh_t.addmm_(z, w_blk);
-      }
-      if (need_weight) {
-        if (t0 == 0)
-          at::mm_out(dw_blk, z.t(), h);
-        else
-          dw_blk.addmm_(z.t(), h);
+      if (lowp) {
+        at::Tensor dz = zlp_buf.narrow(0, 0, len * vb).view({len, vb});
+        dz.copy_(z);
+        if (need_hidden) dh_acc.narrow(0, t0, len).add_(at::mm(dz, weight.narrow(0, v0, vb)));
+        if (need_weight) {
+          const at::Tensor h_lp = ntiles == 1 ? h_single_lp : hidden.index_select(0, token_idx.narrow(0, t0, len));
+          if (dw_direct)
+            at::mm_out(dw_blk, dz.t(), h_lp);
+          else if (t0 == 0)
+            dw_blk.copy_(at::mm(dz.t(), h_lp));
+          else
+            dw_blk.add_(at::mm(dz.t(), h_lp));
+        }
+      } else {
+        if (need_hidden) {
+          at::Tensor dh_t = dh_acc.narrow(0, t0, len);
+          dh_t.addmm_(z, w_blk);
+        }
+        if (need_weight) {
+          if (t0 == 0)
+            at::mm_out(dw_blk, z.t(), h);
+          else
+            dw_blk.addmm_(z.t(), h);
+        }
       }
       if (need_bias) {
         if (t0 == 0)
@@ -365,6 +392,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   }
   if (need_hidden) dh.index_copy_(0, token_idx, dh_acc.scalar_type() == dh.scalar_type() ? dh_acc : dh_acc.to(dh.scalar_type()));
   return {dh, dw, db};
+}
+
+// Frozen head (weight and bias need no gradient): the backward needs only dhidden, and
+// dh_t = g_s * u_t @ W with u_t = (onehot - softmax(z_t)) * chain independent of g. So the forward
+// takes tiles of tokens over the whole vocabulary (one GEMM), finishes their LSE, turns the tile into
+// u in place and multiplies by W right away: two GEMMs per tile here and none in the backward,
+// instead of one here and two (recompute + dz @ W) there. Returns (seq_logps, lse, u @ W [Nc, H]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_frozen(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_opt,
+    const at::Tensor& token_idx_in, const at::Tensor& targets_in, const at::Tensor& seq_offsets_in,
+    double softcap, double temperature, int64_t block_bytes) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "spo_kernels._cpu: hidden [N, H] and weight [V, H] expected");
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "spo_kernels._cpu: CPU tensors expected");
+  const auto acc = acc_type(hidden.scalar_type());
+  TORCH_CHECK(hidden.scalar_type() == acc && weight.scalar_type() == acc,
+              "spo_kernels._cpu: linear_forward_frozen takes float32/float64 hidden and weight");
+  check_index(token_idx_in, "token_idx");
+  check_index(targets_in, "targets");
+  check_index(seq_offsets_in, "seq_offsets");
+  const int di = dtype_index(acc);
+  const at::Tensor token_idx = token_idx_in.contiguous(), targets = targets_in.contiguous();
+  const at::Tensor seq_offsets = seq_offsets_in.contiguous();
+  const at::Tensor bias = bias_opt.has_value() ? as_acc(*bias_opt, acc) : at::Tensor();
+  const int64_t nc = token_idx.size(0), V = weight.size(0), H = weight.size(1);
+  const auto opts = hidden.options().dtype(acc);
+  at::Tensor m = at::full({nc}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor s = at::zeros({nc}, opts);
+  at::Tensor zt = at::zeros({nc}, opts);
+  at::Tensor lse = at::empty({nc}, opts);
+  at::Tensor dh_unit = at::empty({nc, H}, opts);
+  if (nc > 0 && V > 0) {
+    const int64_t esz = c10::elementSize(acc);
+    const int64_t tile = std::min(nc, std::max<int64_t>(kMinFrozenTile, block_bytes / std::max<int64_t>(1, V * esz)));
+    at::Tensor zbuf = at::empty({tile * V}, opts);
+    at::Tensor ones = at::ones({tile}, opts);
+    const KernelTable* kt = kernels();
+    const LseFn lse_fn = kt->lse[di];
+    const GradFn grad_fn = kt->grad[di];
+    const double cap = cap_arg(softcap), inv_t = 1.0 / temperature;
+    for (int64_t t0 = 0; t0 < nc; t0 += tile) {
+      const int64_t len = std::min(tile, nc - t0);
+      const at::Tensor h = gather_tile(hidden, token_idx, t0, len, acc);
+      const at::Tensor z = logits_block(zbuf, h, weight, bias);
+      void* zb = z.data_ptr();
+      char* mp = static_cast<char*>(m.data_ptr()) + t0 * esz;
+      char* sp = static_cast<char*>(s.data_ptr()) + t0 * esz;
+      char* zp = static_cast<char*>(zt.data_ptr()) + t0 * esz;
+      char* lp = static_cast<char*>(lse.data_ptr()) + t0 * esz;
+      const void* gp = ones.data_ptr();
+      const int64_t* tgt = targets.data_ptr<int64_t>() + t0;
+      at::parallel_for(0, len, grain_for(V), [&](int64_t r0, int64_t r1) {
+        lse_fn(zb, nullptr, V, V, r0, r1, tgt, 0, cap, inv_t, mp, sp, zp);
+        AT_DISPATCH_FLOATING_TYPES(acc, "spo_frozen_lse", [&] {
+          const scalar_t* mm = reinterpret_cast<const scalar_t*>(mp);
+          const scalar_t* ss = reinterpret_cast<const scalar_t*>(sp);
+          scalar_t* ll = reinterpret_cast<scalar_t*>(lp);
+          for (int64_t r = r0; r < r1; ++r) ll[r] = mm[r] + std::log(ss[r]);
+        });
+        grad_fn(zb, zb, nullptr, V, V, V, r0, r1, tgt, 0, lp, gp, cap, inv_t);
+      });
+      at::Tensor dh_t = dh_unit.narrow(0, t0, len);
+      at::mm_out(dh_t, z, weight);
+    }
+  }
+  auto res = finish_forward(m, s, zt, seq_offsets);
+  return {std::get<0>(res), std::get<1>(res), dh_unit};
 }
 
 std::string isa() { return kernels()->isa; }
@@ -390,6 +484,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("token_idx"), py::arg("targets"),
         py::arg("seq_id"), py::arg("lse"), py::arg("grad_seq"), py::arg("softcap"), py::arg("temperature"),
         py::arg("need_hidden"), py::arg("need_weight"), py::arg("need_bias"), py::arg("block_bytes"),
+        py::arg("bf16_grad_gemms"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_forward_frozen", &spo_cpu::linear_forward_frozen,
+        "fused-linear forward for a frozen head -> (seq_logps [S], lse [Nc], (onehot - softmax) @ W [Nc, H])",
+        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("token_idx"), py::arg("targets"),
+        py::arg("seq_offsets"), py::arg("softcap"), py::arg("temperature"), py::arg("block_bytes"),
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &spo_cpu::isa, "the instruction-set variant of the row kernels in use");
   m.def("num_threads", []() { return at::get_num_threads(); }, "intra-op threads (torch.get_num_threads)");

@@ -195,14 +195,57 @@ def test_fused_linear_vs_reference_and_torch(variant, layout, dtype):
         assert (val != val) == (r != r), k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_fused_linear_frozen_head(layout):
+def test_fused_linear_frozen_head(layout, dtype):
     batch = make_batch(seed=5)
-    out, grads = run_linear(batch, layout, torch.float32, "cpu", frozen=True, softcap=5.0)
-    ref, ref_grads = run_linear(batch, layout, torch.float32, "reference", compute_dtype=torch.float64,
+    out, grads = run_linear(batch, layout, dtype, "cpu", frozen=True, softcap=5.0)
+    ref, ref_grads = run_linear(batch, layout, dtype, "reference", compute_dtype=torch.float64,
                                 frozen=True, softcap=5.0)
     assert grads["weight"] is None and grads["bias"] is None
-    check_against(out, grads, ref, ref_grads, torch.float32, "frozen head", 0.1)
+    check_against(out, grads, ref, ref_grads, dtype, "frozen head", 0.1)
+
+
+def test_frozen_head_fast_path(monkeypatch):
+    """fp32 frozen head: the forward also computes (onehot - softmax) @ W and the backward only scales
+    it (no linear_backward call); a second backward (retain_graph) falls back to recomputing."""
+    import spo_kernels.backends.cpu as cpu_mod
+
+    calls = []
+    real = cpu_mod._cpu
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def linear_backward(self, *args, **kwargs):
+            calls.append(1)
+            return real.linear_backward(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_mod, "_cpu", Spy())
+    monkeypatch.setenv("SPO_KERNELS_CPU_BLOCK_MB", "0.05")  # several token tiles (tile floor: 128 tokens)
+    batch = make_batch(P=3, T=120, seed=8)
+    h, _, labels, cu = layout_inputs(batch, "packed", torch.float32)
+    w, b = batch["weight"], batch["bias"]
+    hh = h.detach().requires_grad_(True)
+    out = sk.fused_linear_preference_loss(hh, w, labels, b, cu_seqlens=cu, ref_logps=torch.zeros(6),
+                                          softcap=4.0, temperature=0.9, backend="cpu")
+    out.loss.backward(retain_graph=True)
+    assert calls == []
+    fast = hh.grad.clone()
+    hh.grad = None
+    out.loss.backward()
+    assert calls == [1]
+    assert_rel(fast, hh.grad, 1e-5, "fast path vs recompute")
+    ref, ref_grads = run_linear(batch, "packed", torch.float32, "reference", compute_dtype=torch.float64,
+                                frozen=True)
+    monkeypatch.setenv("SPO_KERNELS_CPU_FROZEN_FASTPATH", "0")
+    slow, slow_grads = run_linear(batch, "packed", torch.float32, "cpu", frozen=True)
+    monkeypatch.setenv("SPO_KERNELS_CPU_FROZEN_FASTPATH", "1")
+    fast2, fast_grads = run_linear(batch, "packed", torch.float32, "cpu", frozen=True)
+    assert len(calls) == 2  # only the run with the fast path switched off called linear_backward
+    check_against(fast2, fast_grads, ref, ref_grads, torch.float32, "frozen fast path", 0.1)
+    assert_rel(fast_grads["hidden"], slow_grads["hidden"], 1e-5, "fast vs regular path")
 
 
 @pytest.mark.parametrize("path", ["linear", "logits"])
@@ -339,13 +382,15 @@ def test_logits_backward_poisoned_out_and_strides(dtype):
     assert torch.equal(buf, out)
 
 
-def test_linear_ops_many_tiles_and_blocks(monkeypatch):
-    """> 4096 tokens (several token tiles) and a tiny block budget (many vocabulary blocks)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_ops_many_tiles_and_blocks(monkeypatch, dtype):
+    """> 4096 tokens (several token tiles) and a tiny block budget (many vocabulary blocks), against the
+    torch backend in float64 on the same (dtype-rounded) inputs."""
     g = torch.Generator().manual_seed(4)
     N, H, V = 5000, 12, 300
-    hidden = torch.randn(N, H, generator=g)
-    weight = torch.randn(V, H, generator=g) / H ** 0.5
-    bias = torch.randn(V, generator=g)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
+    bias = torch.randn(V, generator=g).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[:300] = -100
     cu = torch.tensor([0, 2000, 2600, 4100, 5000], dtype=torch.int32)
@@ -354,14 +399,17 @@ def test_linear_ops_many_tiles_and_blocks(monkeypatch):
     monkeypatch.setenv("SPO_KERNELS_CPU_BLOCK_MB", "0.01")  # clamps to 64 KiB: blocks of 64 vocab rows
     cpu, tor = CpuBackend(), TorchChunkedBackend()
     seq, lse = cpu.linear_forward(hidden, weight, bias, plan, 2.0, 1.5, True)
-    seq_t, lse_t = tor.linear_forward(hidden, weight, bias, plan, 2.0, 1.5, True)
-    assert_rel(seq, seq_t, 1e-5, "seq")
-    assert_rel(lse, lse_t, 1e-5, "lse")
+    h64, w64, b64 = hidden.double(), weight.double(), bias.double()
+    seq_t, lse_t = tor.linear_forward(h64, w64, b64, plan, 2.0, 1.5, True)
+    loss_tol, grad_tol = TOL[dtype]
+    assert_rel(seq, seq_t, loss_tol, "seq")
+    assert_rel(lse, lse_t, loss_tol, "lse")
     gs = torch.randn(4, generator=g)
     ours = cpu.linear_backward(hidden, weight, bias, plan, 2.0, 1.5, lse, gs, True, True, True)
-    ref = tor.linear_backward(hidden, weight, bias, plan, 2.0, 1.5, lse_t, gs, True, True, True)
+    ref = tor.linear_backward(h64, w64, b64, plan, 2.0, 1.5, lse_t, gs.double(), True, True, True)
     for k in ("hidden", "weight", "bias"):
-        assert_rel(getattr(ours, k), getattr(ref, k), 1e-4, k)
+        assert getattr(ours, k).dtype == dtype
+        assert_rel(getattr(ours, k), getattr(ref, k), grad_tol, k)
     assert torch.all(ours.hidden[:300] == 0)
 
 

@@ -7,9 +7,13 @@ Same four ops and semantics as the ``torch`` backend (:mod:`.torch_chunked`), on
   one-hot and chain rule written straight into the output row in the backward (``out`` may be the
   logits buffer). No ``[rows, V]`` temporaries.
 - fused-linear path: completion tokens gathered into tiles, the vocabulary walked in blocks of W;
-  each logits block ``[tokens, Vb]`` (at most ``$SPO_KERNELS_CPU_BLOCK_MB`` MiB, default 16) is one
-  BLAS GEMM, reduced in place by the same row kernels; the backward forms ``dz`` in place and
-  feeds it to the dhidden / dW GEMMs, producing each dW block once in fp32.
+  each logits block ``[tokens, Vb]`` (about ``$SPO_KERNELS_CPU_BLOCK_MB`` MiB; default
+  ``$SPO_KERNELS_CHUNK_MB`` or 64, like the torch backend's chunks) is one BLAS GEMM, reduced in
+  place by the same row kernels; the backward forms ``dz`` in place and feeds it to the dhidden and
+  dW GEMMs, producing each dW block once, in fp32.
+- frozen head (weight and bias without ``requires_grad``, fp32/fp64): the forward walks tiles of
+  tokens over the whole vocabulary and also computes ``(onehot - softmax) @ W`` for them, so the
+  backward is a scaling by ``g`` (three GEMMs per step with a reference head instead of four).
 
 Always deterministic (fixed blocking and order, no atomics) and exact (``grad_filter_eps`` is
 accepted and ignored). bf16/fp16 operands are upcast to fp32 per tile; LSEs, log-probs and sums are
@@ -46,12 +50,42 @@ def _require():
 
 
 def _block_bytes() -> int:
-    mb = float(os.environ.get("SPO_KERNELS_CPU_BLOCK_MB", "16"))
-    return max(1 << 16, int(mb * 2**20))
+    """Budget of one logits block: $SPO_KERNELS_CPU_BLOCK_MB, else the torch backend's
+    $SPO_KERNELS_CHUNK_MB, else 64 MiB (larger blocks make the GEMMs more efficient)."""
+    mb = os.environ.get("SPO_KERNELS_CPU_BLOCK_MB") or os.environ.get("SPO_KERNELS_CHUNK_MB") or "64"
+    return max(1 << 16, int(float(mb) * 2**20))
 
 
 def _softcap(softcap) -> float:
     return 0.0 if softcap is None else float(softcap)
+
+
+def _frozen_head(hidden, weight, bias) -> bool:
+    """The head needs no gradient (LoRA / frozen LM head): only dhidden will be asked for."""
+    if os.environ.get("SPO_KERNELS_CPU_FROZEN_FASTPATH", "1") == "0":
+        return False
+    return (hidden.dtype in (torch.float32, torch.float64) and weight.dtype == hidden.dtype
+            and not weight.requires_grad and (bias is None or not bias.requires_grad))
+
+
+_BF16_GEMM = None
+
+
+def _bf16_grad_gemms(hidden, weight) -> bool:
+    """bf16 operands and a CPU with native bf16 GEMMs (oneDNN: AVX512-BF16 / AMX): run the two
+    gradient GEMMs (dz @ W, dz^T @ h) in bf16 with fp32 accumulation; the logits stay fp32 GEMMs.
+    $SPO_KERNELS_CPU_BF16_GEMM=0 keeps every GEMM in fp32."""
+    global _BF16_GEMM
+    if hidden.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return False
+    if os.environ.get("SPO_KERNELS_CPU_BF16_GEMM", "1") == "0":
+        return False
+    if _BF16_GEMM is None:
+        try:
+            _BF16_GEMM = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _BF16_GEMM = False
+    return _BF16_GEMM
 
 
 def _torch_fallback():
@@ -76,11 +110,24 @@ class CpuBackend(Backend):
                                    _softcap(softcap), float(temperature), out)
 
     # ---- fused-linear path -------------------------------------------------------------------
+    def __init__(self):
+        # Frozen-head forward: (lse, (onehot - softmax) @ W [Nc, H]) for the backward of this call.
+        self._frozen = None
+
     def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
         if hidden.dtype not in _DTYPES:
             return _torch_fallback().linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
-        seq, lse = _require().linear_forward(hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets,
-                                             _softcap(softcap), float(temperature), _block_bytes())
+        ext = _require()
+        if save_lse and _frozen_head(hidden, weight, bias):
+            # Only dhidden will be asked for: compute (onehot - softmax) @ W now, while the logits tile is
+            # at hand, and let the backward scale it by g (one GEMM fewer in all).
+            seq, lse, dh_unit = ext.linear_forward_frozen(hidden, weight, bias, plan.token_idx, plan.targets,
+                                                          plan.seq_offsets, _softcap(softcap), float(temperature),
+                                                          _block_bytes())
+            self._frozen = (lse, dh_unit)
+            return seq, lse
+        seq, lse = ext.linear_forward(hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets,
+                                      _softcap(softcap), float(temperature), _block_bytes())
         return seq, (lse if save_lse else None)
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
@@ -89,8 +136,16 @@ class CpuBackend(Backend):
         if hidden.dtype not in _DTYPES:
             return _torch_fallback().linear_backward(hidden, weight, bias, plan, softcap, temperature, lse,
                                                      grad_seq, need_hidden, need_weight, need_bias)
+        frozen, self._frozen = self._frozen, None  # used once: a second backward recomputes
+        if (frozen is not None and frozen[0] is lse and need_hidden and not need_weight
+                and not (need_bias and bias is not None)):
+            dh_unit = frozen[1]
+            dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            g_tok = grad_seq.to(dh_unit.dtype).index_select(0, plan.seq_id)
+            dh.index_copy_(0, plan.token_idx, (dh_unit * g_tok[:, None]).to(hidden.dtype))
+            return LinearGrads(hidden=dh, weight=None, bias=None)
         dh, dw, db = _require().linear_backward(
             hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_id, lse, grad_seq,
             _softcap(softcap), float(temperature), bool(need_hidden), bool(need_weight),
-            bool(need_bias and bias is not None), _block_bytes())
+            bool(need_bias and bias is not None), _block_bytes(), _bf16_grad_gemms(hidden, weight))
         return LinearGrads(hidden=dh, weight=dw, bias=db)
