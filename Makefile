@@ -18,7 +18,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed
-	$(PY) -m benchmarks --preset cpu-small
+	$(PY) -m training demo --out runs/demo
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks --preset cpu-issue2

@@ -1,0 +1,181 @@
+"""Model side of the trainer: build or load a causal LM, get its final hidden states and LM head, and
+the per-sequence log-probs and SPO one-step anchor through the fused path (logits are never built).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch.func import functional_call
+
+from spo_kernels import fused_linear_sequence_logprobs
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# building and loading
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BuiltinModelSize:
+    """The built-in small Llama (tied embeddings, no dropout), sized for a CPU."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 128
+
+
+def build_builtin_model(tokenizer, size: BuiltinModelSize, seed: int):
+    """A freshly initialized ``LlamaForCausalLM`` from a config (nothing downloaded).
+
+    The initialization uses its own seeded generator state so that the same seed always gives the
+    same weights, whatever ran before.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_heads,
+        max_position_embeddings=size.max_positions,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model
+
+
+def load_model(path: str, dtype: Optional[torch.dtype] = None):
+    """A causal LM saved at a local path (``save_pretrained`` layout); nothing is downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# hidden states and head
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Head:
+    """The LM head as the fused loss takes it: ``weight [V, H]``, ``bias [V]`` or None, and the
+    model's final-logit softcap (Gemma 2's ``final_logit_softcapping``) or None."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    softcap: Optional[float]
+
+
+def lm_head(model) -> Head:
+    """The output embedding. With tied embeddings this *is* the input embedding Parameter, so the
+    head's gradient and the embedding's gradient accumulate into the same tensor, as they should."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return Head(weight=head.weight, bias=bias, softcap=float(softcap) if softcap else None)
+
+
+def final_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[B, T] -> [B, T, H]``: the backbone's last hidden state (after its final norm), no LM head."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                      backend: Optional[str] = None):
+    """Summed completion log-probs per row via the fused path: ``SequenceLogprobs(logps [B], counts [B])``.
+    Differentiable when grad is enabled."""
+    head = lm_head(model)
+    hidden = final_hidden(model, input_ids, attention_mask)
+    return fused_linear_sequence_logprobs(hidden, head.weight.to(hidden.dtype), labels,
+                                          None if head.bias is None else head.bias.to(hidden.dtype),
+                                          softcap=head.softcap, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPO one-step anchor
+# ---------------------------------------------------------------------------------------------
+
+def _module_prefix(model, module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name + "." if name else ""
+    raise ValueError("the decoder is not a submodule of the model")
+
+
+def _param_name(model, tensor) -> Optional[str]:
+    for name, param in model.named_parameters():
+        if param is tensor:
+            return name
+    return None
+
+
+def one_step_anchor(model, batch, alpha: float, normalize: str = "mean",
+                    backend: Optional[str] = None) -> Tensor:
+    """SPO's ``"one_step"`` anchor (SPEC 4): the chosen responses' log-probs after one virtual SFT step.
+
+    ``theta' = theta - alpha * grad F(theta)`` where ``F`` is the chosen completions' token-mean NLL over
+    the batch (the usual SFT loss: summed NLL of all chosen tokens / number of chosen tokens), a plain
+    gradient step on every trainable parameter. The chosen log-probs are then evaluated at ``theta'``
+    with ``torch.func.functional_call``; the model's weights are never changed and no gradient flows
+    out of the result.
+
+    Args:
+        model: a causal LM (its backbone and head are read as in :func:`final_hidden` / :func:`lm_head`).
+        batch: a preference batch with ``input_ids``, ``attention_mask``, ``labels`` of shape ``[2P, T]``
+            (chosen rows first; attributes or mapping keys); only the chosen rows are used.
+        alpha: step size of the virtual SFT step.
+        normalize: ``"mean"`` -> per-token mean log-prob ``L_w / n_w`` (matches ``spo_normalize="mean"``),
+            ``"sum"`` -> summed ``L_w``.
+    Returns:
+        ``[P]`` fp32 tensor, detached; pass it as ``spo_anchor=`` to the fused preference loss.
+    """
+    if normalize not in ("mean", "sum"):
+        raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}")
+    get = (lambda k: batch[k]) if isinstance(batch, dict) else (lambda k: getattr(batch, k))
+    input_ids, attention_mask, labels = get("input_ids"), get("attention_mask"), get("labels")
+    P = input_ids.shape[0] // 2
+    input_ids, attention_mask, labels = input_ids[:P], attention_mask[:P], labels[:P]
+
+    trainable: Dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.enable_grad():
+        seq = sequence_logprobs(model, input_ids, attention_mask, labels, backend=backend)
+        sft_loss = -seq.logps.sum() / seq.counts.sum().clamp(min=1)
+        grads = torch.autograd.grad(sft_loss, list(trainable.values()), allow_unused=True)
+    stepped = {name: (p.detach() if g is None else p.detach() - alpha * g)
+               for (name, p), g in zip(trainable.items(), grads)}
+
+    decoder = model.get_decoder()
+    prefix = _module_prefix(model, decoder)
+    decoder_params = {n[len(prefix):]: t for n, t in stepped.items() if n.startswith(prefix)}
+    head = lm_head(model)
+    # Tied heads are found under the embedding's name, so the stepped copy stays tied.
+    weight = stepped.get(_param_name(model, head.weight), head.weight)
+    bias = None if head.bias is None else stepped.get(_param_name(model, head.bias), head.bias)
+    with torch.no_grad():
+        out = functional_call(decoder, decoder_params, args=(),
+                              kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
+        hidden = out.last_hidden_state
+        after = fused_linear_sequence_logprobs(hidden, weight.to(hidden.dtype), labels,
+                                               None if bias is None else bias.to(hidden.dtype),
+                                               softcap=head.softcap, backend=backend)
+    logps = after.logps.float()
+    if normalize == "mean":
+        logps = logps / after.counts.clamp(min=1).to(logps.dtype)
+    return logps.detach()
