@@ -25,6 +25,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -40,21 +41,52 @@ namespace {
 constexpr int64_t kMaxTileTokens = 4096;
 constexpr int64_t kMinFrozenTile = 128;  // tokens per whole-vocabulary tile of the frozen-head forward
 
-const KernelTable* select_table() {
+bool cpu_has(const std::string& isa) {
 #if SPO_CPU_X86_VARIANTS
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return isa_avx512::table();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return isa_avx2::table();
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (isa == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  return isa == "generic";
+}
+
+const KernelTable* table_for(const std::string& isa) {
+#if SPO_CPU_X86_VARIANTS
+  if (isa == "avx512") return isa_avx512::table();
+  if (isa == "avx2") return isa_avx2::table();
 #endif
   return isa_generic::table();
 }
 
+const KernelTable* best_table() {
+  for (const char* isa : {"avx512", "avx2"})
+    if (cpu_has(isa)) return table_for(isa);
+  return isa_generic::table();
+}
+
+std::atomic<const KernelTable*> g_table{nullptr};
+
 const KernelTable* kernels() {
-  static const KernelTable* t = select_table();
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (t == nullptr) {
+    t = best_table();
+    g_table.store(t, std::memory_order_release);
+  }
   return t;
+}
+
+// Pin the row kernels to one instruction-set variant ("auto": the best this CPU runs); for tests.
+bool set_isa(const std::string& isa) {
+  if (isa == "auto") {
+    g_table.store(best_table(), std::memory_order_release);
+    return true;
+  }
+  if (!cpu_has(isa)) return false;
+  g_table.store(table_for(isa), std::memory_order_release);
+  return true;
 }
 
 int dtype_index(at::ScalarType t) {
@@ -75,6 +107,24 @@ double cap_arg(double softcap) { return softcap > 0 ? softcap : 0.0; }
 void check_index(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "spo_kernels._cpu: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1, "spo_kernels._cpu: ", name, " must be 1-D int64");
+}
+
+// Values of an int64 index tensor in [0, hi): out-of-range plans would read or write out of bounds.
+void check_range(const at::Tensor& t, int64_t hi, const char* name) {
+  const int64_t* p = t.data_ptr<int64_t>();
+  const int64_t n = t.numel();
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= (p[i] >= 0) & (p[i] < hi);
+  TORCH_CHECK(ok, "spo_kernels._cpu: ", name, " has values outside [0, ", hi, ")");
+}
+
+// seq_offsets [S+1]: starts at 0, non-decreasing, ends at the number of plan tokens.
+void check_offsets(const at::Tensor& off, int64_t nc) {
+  const int64_t* p = off.data_ptr<int64_t>();
+  const int64_t n = off.numel();
+  bool ok = n >= 1 && p[0] == 0 && p[n - 1] == nc;
+  for (int64_t i = 1; ok && i < n; ++i) ok = p[i] >= p[i - 1];
+  TORCH_CHECK(ok, "spo_kernels._cpu: seq_offsets must rise from 0 to the number of plan tokens (", nc, ")");
 }
 
 int64_t grain_for(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
@@ -123,6 +173,10 @@ std::tuple<at::Tensor, at::Tensor> logits_forward(const at::Tensor& logits_in, c
   const int di = dtype_index(logits.scalar_type());
   const auto acc = acc_type(logits.scalar_type());
   const int64_t nc = token_idx.size(0), V = logits.size(1);
+  TORCH_CHECK(targets.size(0) == nc, "spo_kernels._cpu: targets and token_idx differ in length");
+  check_range(token_idx, logits.size(0), "token_idx");
+  check_range(targets, V, "targets");
+  check_offsets(seq_offsets, nc);
   const auto opts = logits.options().dtype(acc);
   at::Tensor m = at::full({nc}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor s = at::zeros({nc}, opts);
@@ -159,6 +213,10 @@ void logits_backward(const at::Tensor& logits_in, const at::Tensor& token_idx_in
   const at::Tensor lse = lse_in.to(acc).contiguous();
   const at::Tensor g_tok = grad_seq.to(acc).index_select(0, seq_id).contiguous();
   const int64_t nc = token_idx.size(0), N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(targets.size(0) == nc && seq_id.size(0) == nc && lse.size(0) == nc,
+              "spo_kernels._cpu: targets, seq_id, lse and token_idx differ in length");
+  check_range(token_idx, N, "token_idx");
+  check_range(targets, V, "targets");
   // Write into a row-contiguous target; copied back at the end when `out` is not one.
   const bool direct = out.stride(-1) == 1;
   at::Tensor dst = direct ? out : at::empty_like(logits, at::MemoryFormat::Contiguous);
@@ -246,6 +304,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& hidden, cons
   const at::Tensor token_idx = token_idx_in.contiguous(), targets = targets_in.contiguous();
   const at::Tensor seq_offsets = seq_offsets_in.contiguous();
   const int64_t nc = token_idx.size(0), V = weight.size(0);
+  TORCH_CHECK(targets.size(0) == nc, "spo_kernels._cpu: targets and token_idx differ in length");
+  check_range(token_idx, hidden.size(0), "token_idx");
+  check_range(targets, V, "targets");
+  check_offsets(seq_offsets, nc);
   const auto opts = hidden.options().dtype(acc);
   at::Tensor m = at::full({nc}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor s = at::zeros({nc}, opts);
@@ -303,6 +365,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   const at::Tensor lse = lse_in.to(acc).contiguous();
   const at::Tensor g_tok = grad_seq.to(acc).index_select(0, seq_id).contiguous();
   const int64_t nc = token_idx.size(0), V = weight.size(0), H = weight.size(1);
+  TORCH_CHECK(targets.size(0) == nc, "spo_kernels._cpu: targets and token_idx differ in length");
+  check_range(token_idx, hidden.size(0), "token_idx");
+  check_range(targets, V, "targets");
+  TORCH_CHECK(seq_id.size(0) == nc && lse.size(0) == nc,
+              "spo_kernels._cpu: seq_id, lse and token_idx differ in length");
   const auto opts = hidden.options().dtype(acc);
 
   at::Tensor dh = need_hidden ? at::zeros_like(hidden, at::MemoryFormat::Contiguous) : at::Tensor();
@@ -417,6 +484,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_frozen(
   const at::Tensor seq_offsets = seq_offsets_in.contiguous();
   const at::Tensor bias = bias_opt.has_value() ? as_acc(*bias_opt, acc) : at::Tensor();
   const int64_t nc = token_idx.size(0), V = weight.size(0), H = weight.size(1);
+  TORCH_CHECK(targets.size(0) == nc, "spo_kernels._cpu: targets and token_idx differ in length");
+  check_range(token_idx, hidden.size(0), "token_idx");
+  check_range(targets, V, "targets");
+  check_offsets(seq_offsets, nc);
   const auto opts = hidden.options().dtype(acc);
   at::Tensor m = at::full({nc}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor s = at::zeros({nc}, opts);
@@ -492,5 +563,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seq_offsets"), py::arg("softcap"), py::arg("temperature"), py::arg("block_bytes"),
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &spo_cpu::isa, "the instruction-set variant of the row kernels in use");
+  m.def("set_isa", &spo_cpu::set_isa, py::arg("isa"),
+        "pin the row kernels to 'generic', 'avx2' or 'avx512' (False if this CPU lacks it), or 'auto'");
   m.def("num_threads", []() { return at::get_num_threads(); }, "intra-op threads (torch.get_num_threads)");
 }

@@ -453,3 +453,53 @@ def test_linear_empty_plan_and_determinism():
     assert torch.equal(runs[0][0], runs[1][0])
     for a, c in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, c)
+
+
+def test_extension_rejects_malformed_plans():
+    """The ops index raw memory with the plan: out-of-range rows / targets are errors, not crashes."""
+    from spo_kernels import _cpu
+
+    logits = torch.randn(6, 10)
+    idx, tgt, off = torch.tensor([0, 2, 5]), torch.tensor([1, 9, 3]), torch.tensor([0, 2, 3])
+    seq, _ = _cpu.logits_forward(logits, idx, tgt, off, 0.0, 1.0)
+    assert seq.shape == (2,)
+    with pytest.raises(RuntimeError, match="token_idx"):
+        _cpu.logits_forward(logits, torch.tensor([0, 2, 6]), tgt, off, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="targets"):
+        _cpu.logits_forward(logits, idx, torch.tensor([1, 10, 3]), off, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="seq_offsets"):
+        _cpu.logits_forward(logits, idx, tgt, torch.tensor([0, 2, 4]), 0.0, 1.0)
+    w = torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match="token_idx"):
+        _cpu.linear_forward(torch.randn(6, 4), w, None, torch.tensor([0, -1, 5]), tgt, off, 0.0, 1.0, 1 << 20)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_instruction_set_variant(isa):
+    """The row kernels are compiled once per instruction set; each one this CPU runs gives the same
+    results as the torch backend (all dtypes, softcap, in-place backward)."""
+    from spo_kernels import _cpu
+
+    if not _cpu.set_isa(isa):
+        pytest.skip(f"this CPU (or build) has no {isa} variant")
+    try:
+        assert _cpu.isa() == isa
+        g = torch.Generator().manual_seed(6)
+        N, V = 19, 211
+        labels = torch.randint(0, V, (N,), generator=g)
+        labels[::4] = -100
+        plan = _plan(labels, V, torch.tensor([0, 7, 19], dtype=torch.int32))
+        cpu, tor = CpuBackend(), TorchChunkedBackend()
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            for cap, temp in ((None, 1.0), (3.0, 0.7)):
+                logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
+                seq, lse = cpu.logits_forward(logits, plan, cap, temp)
+                seq_t, lse_t = tor.logits_forward(logits, plan, cap, temp)
+                assert_rel(seq, seq_t, 1e-6, f"{isa} {dtype} seq")
+                gs = torch.randn(2, generator=g, dtype=seq.dtype)
+                ref = torch.empty_like(logits)
+                tor.logits_backward(logits, plan, cap, temp, lse_t, gs, ref)
+                cpu.logits_backward(logits, plan, cap, temp, lse, gs, logits)  # in place
+                assert_rel(logits, ref, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, f"{isa} {dtype}")
+    finally:
+        _cpu.set_isa("auto")

@@ -96,6 +96,10 @@ def _torch_fallback():
 class CpuBackend(Backend):
     name = "cpu"
 
+    def __init__(self):
+        # Frozen-head forward: (lse, (onehot - softmax) @ W [Nc, H]) for the backward of this call.
+        self._frozen = None
+
     # ---- logits path -------------------------------------------------------------------------
     def logits_forward(self, logits, plan, softcap, temperature):
         if logits.dtype not in _DTYPES:
@@ -110,10 +114,6 @@ class CpuBackend(Backend):
                                    _softcap(softcap), float(temperature), out)
 
     # ---- fused-linear path -------------------------------------------------------------------
-    def __init__(self):
-        # Frozen-head forward: (lse, (onehot - softmax) @ W [Nc, H]) for the backward of this call.
-        self._frozen = None
-
     def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
         if hidden.dtype not in _DTYPES:
             return _torch_fallback().linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
