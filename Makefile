@@ -5,7 +5,7 @@ PYTHON ?= python3
 
 .PHONY: demo test bench clean
 
-$(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py
+$(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: on a CPU machine this is the CPU wheel (an unpinned torch pulls CUDA wheels).

@@ -57,7 +57,8 @@ PRESETS = {
 
 def make_inputs(shape: Shape, device: str, dtype: torch.dtype = None, seed: int = 0) -> dict:
     """Fresh random inputs (never zeros), generated on the CPU from ``seed`` so every process and device
-    sees the same values, then cast to ``dtype`` (default: the shape's) and moved to ``device``."""
+    sees the same values, rounded to the shape's dtype, then cast to ``dtype`` (default: the shape's;
+    float64 for the reference) and moved to ``device``."""
     dtype = dtype or DTYPES[shape.dtype]
     g = torch.Generator().manual_seed(seed)
     S, T = 2 * shape.P, shape.T
@@ -76,4 +77,7 @@ def make_inputs(shape: Shape, device: str, dtype: torch.dtype = None, seed: int 
         out["labels"] = labels.reshape(-1)
         out["cu_seqlens"] = torch.arange(0, S * T + 1, T, dtype=torch.int32)
         out["ref_logps"] = -torch.rand(S, generator=g, dtype=torch.float32) * 5 - (T - prompt) * 3
-    return {k: (v.to(dtype) if v.is_floating_point() and k != "ref_logps" else v).to(device) for k, v in out.items()}
+    # Round to the shape's dtype first: a float64 reference must see exactly the values the methods see.
+    base = DTYPES[shape.dtype]
+    return {k: (v.to(base).to(dtype) if v.is_floating_point() and k != "ref_logps" else v).to(device)
+            for k, v in out.items()}

@@ -211,3 +211,12 @@ def test_logits_low_precision(dtype):
     assert grad.dtype == dtype
     assert_close_scalar(out.loss, ref_out.loss, 1e-3, "loss")
     assert rel_err(grad, ref_grad) <= 2e-2
+
+
+@pytest.mark.parametrize("peaked", [False, True])
+def test_bf16_head_at_a_real_vocab_size(peaked):
+    """A 16-bit GEMM would round the logits to bf16 (loss errors ~1e-2 at V=8k); ours run in fp32."""
+    lowp = make_batch(P=2, T=48, H=64, V=8192, seed=31, peaked=peaked, scale=2.0, dtype=torch.bfloat16)
+    ref_out, ref_grads = run_fused(lowp, "reference", torch.float64)
+    out, grads = run_fused(lowp, "torch")
+    _compare(out, grads, ref_out, ref_grads, low_precision=True)
