@@ -35,13 +35,13 @@ TOLERANCES = {  # SPEC 7: (loss rel, gradient rel-norm)
 
 
 def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "liger_kernel", "cut_cross_entropy", "transformers"):
+    for dist in ("triton", "liger-kernel", "cut-cross-entropy", "transformers", "spo-kernels"):
         try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "installed")
-        except Exception:
-            out[mod] = None
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
     return out
 
 
@@ -52,6 +52,10 @@ def _device_name(device: str) -> str:
 
 
 def _worker(args, env=None, timeout=1800):
+    # A fixed glibc mmap threshold: large blocks are returned to the OS when freed, so the CPU peak
+    # RSS tracks what a method holds (as CUDA's allocator statistics do) rather than what glibc's
+    # adaptive threshold happened to keep in the heap. Same setting for every method.
+    env = dict(os.environ if env is None else env, MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, "-m", "benchmarks.worker"] + args
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,7 +7,8 @@ naive float64 autograd reference).
 
 Memory: on CUDA, ``max_memory_allocated`` over one step minus what was allocated before it; on the
 CPU, the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over one step
-minus the resident set before it. Both count everything the step allocates, gradients included.
+minus the resident set before it (the CLI pins glibc's mmap threshold so freed blocks leave the
+resident set). Both count everything the step allocates, gradients included.
 Time: median of ``--repeats`` steps after a warm-up step (CUDA: synchronized around each step).
 """
 
