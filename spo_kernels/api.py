@@ -216,6 +216,12 @@ def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, ba
         ref_logps = ref_logps.detach()
     if anchor is None and cfg.spo_anchor == "reference" and ref_logps is not None:
         anchor = _anchor_from_reference(cfg, ref_logps, counts, P)
+    if callable(bco_delta):
+        # This batch's mean reward (bco_pair's rewards are on summed log-probs), handed to the caller's
+        # running statistic, which returns the shift to use.
+        with torch.no_grad():
+            R = 0.0 if (ref_logps is None or cfg.reference_free) else ref_logps.to(policy_logps.dtype)
+            bco_delta = torch.as_tensor(bco_delta((cfg.beta * (policy_logps.detach() - R)).mean()))
     if backend_name == "reference":
         loss = ref_impl.reference_pair_loss(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
         metrics = ref_impl.reference_metrics(policy_logps, counts, ref_logps, cfg, anchor)
@@ -244,7 +250,7 @@ def _prepare(cfg, plan, device, ref_logps, has_ref_inputs, spo_anchor, bco_delta
         raise ValueError("spo_anchor='reference' needs reference log-probs (ref_logps or the reference model's "
                          "inputs), even with reference_free=True or a reference-free loss; or pass spo_anchor as "
                          "a [P] tensor")
-    if bco_delta is not None:
+    if bco_delta is not None and not callable(bco_delta):
         check_float("bco_delta", bco_delta, device)
         if bco_delta.numel() != 1:
             raise ValueError(f"bco_delta must be a scalar tensor, got shape {tuple(bco_delta.shape)}")
@@ -277,7 +283,9 @@ def preference_loss(
         config / **options: :class:`PreferenceLossConfig` fields (``beta=0.1, loss_type="sigmoid", ...``).
         inplace_backward: write dlogits into the logits buffer during backward (default; no extra
             ``[N, V]`` tensor, the logits are overwritten).
-        bco_delta: reward shift for ``bco_pair`` (default: the batch mean).
+        bco_delta: reward shift for ``bco_pair``: a scalar tensor, or a callable taking this batch's mean
+            reward and returning the shift (how the modules keep TRL's running mean); default: the
+            batch mean.
     Returns:
         :class:`PreferenceLossOutput`: ``loss`` plus the TRL-named metrics.
     """

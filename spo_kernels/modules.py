@@ -15,22 +15,25 @@ from .output import PreferenceLossOutput
 class _PreferenceLossModule(nn.Module):
     def __init__(self, config: Optional[PreferenceLossConfig] = None, backend: Optional[str] = None, **options):
         super().__init__()
-        self.config = (config or PreferenceLossConfig()).replace(**options) if options else (config or PreferenceLossConfig())
+        config = config or PreferenceLossConfig()
+        self.config = config.replace(**options) if options else config
         self.backend = backend
         # bco_pair's reward shift: the running mean of per-step mean rewards, as TRL's RunningMoments.
         self.register_buffer("bco_mean", torch.zeros((), dtype=torch.float32), persistent=True)
         self.register_buffer("bco_steps", torch.zeros((), dtype=torch.float32), persistent=True)
 
-    def _bco_delta(self, out_fn):
+    def _bco_delta(self):
+        """For bco_pair: a callable the loss calls with this batch's mean reward; like TRL, the running
+        mean is updated with it first and then used as the shift."""
         if self.config.loss_type != "bco_pair":
-            return out_fn(None)
-        # One pass tells this step's mean reward; TRL updates the running mean before using it.
-        probe = out_fn(None)
-        step_mean = (probe.metrics["rewards/chosen"] + probe.metrics["rewards/rejected"]) / 2
-        with torch.no_grad():
-            self.bco_steps += 1
-            self.bco_mean += (step_mean.to(self.bco_mean) - self.bco_mean) / self.bco_steps
-        return probe if int(self.bco_steps) == 1 else out_fn(self.bco_mean.clone())
+            return None
+
+        def update(step_mean: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                self.bco_steps += 1
+                self.bco_mean += (step_mean.to(self.bco_mean) - self.bco_mean) / self.bco_steps
+            return self.bco_mean.clone()
+        return update
 
     def extra_repr(self) -> str:
         return f"loss_type={self.config.loss_type!r}, beta={self.config.beta}, spo_lambda={self.config.spo_lambda}"
@@ -45,10 +48,8 @@ class FusedLinearPreferenceLoss(_PreferenceLossModule):
     """
 
     def forward(self, hidden, weight, labels, bias=None, **kwargs) -> PreferenceLossOutput:
-        def run(delta):
-            return fused_linear_preference_loss(hidden, weight, labels, bias, config=self.config,
-                                                backend=self.backend, bco_delta=delta, **kwargs)
-        return self._bco_delta(run)
+        return fused_linear_preference_loss(hidden, weight, labels, bias, config=self.config, backend=self.backend,
+                                            bco_delta=self._bco_delta(), **kwargs)
 
 
 class PreferenceLoss(_PreferenceLossModule):
@@ -58,7 +59,5 @@ class PreferenceLoss(_PreferenceLossModule):
     """
 
     def forward(self, logits, labels, **kwargs) -> PreferenceLossOutput:
-        def run(delta):
-            return preference_loss(logits, labels, config=self.config, backend=self.backend, bco_delta=delta,
-                                   **kwargs)
-        return self._bco_delta(run)
+        return preference_loss(logits, labels, config=self.config, backend=self.backend,
+                               bco_delta=self._bco_delta(), **kwargs)
