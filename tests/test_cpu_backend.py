@@ -15,6 +15,9 @@ from spo_kernels.backends.cpu import CpuBackend, extension_available
 from spo_kernels.backends.torch_chunked import TorchChunkedBackend
 from spo_kernels.layout import build_plan
 
+import batches
+from batches import rel_err
+
 pytestmark = pytest.mark.skipif(not extension_available(),
                                 reason="spo_kernels._cpu (the cpu backend's C++ extension) is not built")
 
@@ -25,29 +28,11 @@ TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-3, 2e-2), torch.float16:
 # batches and comparisons
 # ---------------------------------------------------------------------------------------------
 
-def make_batch(P=2, T=23, H=40, V=97, *, bias=True, seed=0, empty=(), peaked=False, scale=1.0):
-    """fp32 batch [2P, T, ...]: random prompt lengths, completions, some tail padding; ``empty`` lists
-    sequences without completion tokens; ``peaked`` makes vocab row 0 dominate by ~30 nats for every
-    other position; ``scale`` shrinks hidden (small scale: nearly flat softmax)."""
-    g = torch.Generator().manual_seed(seed)
-    S = 2 * P
-    hidden = torch.randn(S, T, H, generator=g) * scale
-    weight = torch.randn(V, H, generator=g) / H ** 0.5
-    b = torch.randn(V, generator=g) * 0.5 if bias else None
-    labels = torch.randint(0, V, (S, T), generator=g)
-    prompt = torch.randint(1, max(2, T // 2), (S,), generator=g)
-    for s in range(S):
-        labels[s, : int(prompt[s])] = -100
-        pad = int(torch.randint(0, 3, (1,), generator=g))
-        if pad:
-            labels[s, T - pad:] = -100
-        if s in empty:
-            labels[s] = -100
-    if peaked:
-        hidden[:, ::2] += 30.0 * weight[0] / weight[0].norm() ** 2
-    ref_hidden = hidden + 0.3 * torch.randn(S, T, H, generator=g)
-    ref_weight = weight + 0.05 * torch.randn(V, H, generator=g) / H ** 0.5
-    return dict(hidden=hidden, weight=weight, bias=b, labels=labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+def make_batch(P=2, T=23, H=40, V=97, **kwargs) -> dict:
+    """The shared fp32 test batch (tests/batches.py) as a dict of its tensors."""
+    b = batches.make_batch(P=P, T=T, H=H, V=V, **kwargs)
+    return dict(hidden=b.hidden, weight=b.weight, bias=b.bias, labels=b.labels, ref_hidden=b.ref_hidden,
+                ref_weight=b.ref_weight)
 
 
 def to_packed(x, labels):
@@ -62,13 +47,6 @@ def to_packed(x, labels):
     ls = torch.cat([labels[s, :n] for s, n in enumerate(lengths)])
     return xs, ls, cu
 
-
-def rel_err(a, b) -> float:
-    """Relative error in norm; NaN/inf anywhere gives inf (NaN never passes)."""
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def assert_rel(a, b, tol, what):
