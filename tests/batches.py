@@ -113,3 +113,13 @@ def run_fused(batch: Batch, backend: str, dtype=None, ref_mode="hidden", cu=None
     out = sk.fused_linear_preference_loss(h, w, batch.labels, b, backend=backend, **kwargs)
     out.loss.backward()
     return out, {"hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
+
+
+def need_gpu_memory(gib: float) -> None:
+    """Skip unless a CUDA device with about ``gib`` GiB of memory is present."""
+    import pytest
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if total < gib:
+        pytest.skip(f"needs about {gib:.0f} GiB of GPU memory, the device has {total:.0f}")

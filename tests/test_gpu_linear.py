@@ -24,6 +24,7 @@ from spo_kernels.config import PreferenceLossConfig
 from spo_kernels.kernels import linear_logprobs as LL
 from spo_kernels.layout import build_plan
 from spo_kernels.reference import reference_pair_loss
+from batches import need_gpu_memory as _need_memory
 
 pytestmark = pytest.mark.gpu
 
@@ -31,12 +32,6 @@ DEV = "cuda"
 IGNORE = -100
 
 
-def _need_memory(gib: float):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    if total < gib:
-        pytest.skip(f"needs about {gib:.0f} GiB of GPU memory, the device has {total:.0f}")
 
 
 @pytest.fixture(autouse=True)

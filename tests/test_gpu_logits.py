@@ -23,6 +23,7 @@ from spo_kernels.kernels.logits_logprobs import logits_backward, logits_forward 
 from spo_kernels.kernels.loss_step import loss_step  # noqa: E402
 from spo_kernels.layout import build_plan  # noqa: E402
 from spo_kernels.losses import METRIC_NAMES, preference_loss_step  # noqa: E402
+from batches import need_gpu_memory as _need_memory
 
 pytestmark = pytest.mark.gpu
 
@@ -30,12 +31,6 @@ IGNORE = -100
 DEV = "cuda"
 
 
-def _need_memory(gib: float):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    if total < gib:
-        pytest.skip(f"needs about {gib:.0f} GiB of GPU memory, the device has {total:.0f}")
 
 
 @pytest.fixture(autouse=True)

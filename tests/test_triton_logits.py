@@ -23,6 +23,7 @@ from spo_kernels.kernels import logits_logprobs as kmod  # noqa: E402
 from spo_kernels.kernels import loss_step as loss_step_mod  # noqa: E402
 from spo_kernels.layout import build_plan  # noqa: E402
 from spo_kernels.losses import METRIC_NAMES  # noqa: E402
+from batches import assert_close_scalar as assert_scalar
 
 IGNORE = -100
 TOL = {  # SPEC 7: (loss / log-prob rel, gradient rel in norm)
@@ -127,13 +128,6 @@ def assert_logps(actual, expected, rtol=LOGP_RTOL):
     assert bool((err <= bound).all()), (actual, expected)
 
 
-def assert_scalar(actual, expected, rel, name, scale=0.0):
-    a, b = float(torch.as_tensor(actual).detach()), float(torch.as_tensor(expected).detach())
-    if b != b:
-        assert a != a, f"{name}: expected NaN, got {a}"
-        return
-    assert a == a, f"{name}: got NaN, expected {b}"
-    assert abs(a - b) <= rel * max(abs(b), scale) + 1e-7, f"{name}: {a} vs {b} (rel {rel}, scale {scale})"
 
 
 # ---------------------------------------------------------------------------------------------------

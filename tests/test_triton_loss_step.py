@@ -19,6 +19,7 @@ from spo_kernels.config import LOSS_TYPES, PreferenceLossConfig  # noqa: E402
 from spo_kernels.kernels import loss_step as loss_step_mod  # noqa: E402
 from spo_kernels.kernels.loss_step import loss_step  # noqa: E402
 from spo_kernels.losses import METRIC_NAMES, preference_loss_step  # noqa: E402
+from batches import assert_close_scalar as assert_scalar
 
 LOSS_RTOL = 1e-5   # SPEC 7, fp32
 GRAD_RTOL = 1e-4   # SPEC 7, fp32, relative in norm
@@ -77,14 +78,6 @@ def oracle(L, n, R, cfg, anchor=None, bco_delta=None):
     return loss.detach(), L64.grad, metrics
 
 
-def assert_scalar(actual, expected, rel, name, scale=0.0):
-    """``|a - b| <= rel * max(|b|, scale)`` (+ a tiny floor); NaN passes only where the oracle is NaN."""
-    a, b = float(torch.as_tensor(actual).detach()), float(torch.as_tensor(expected).detach())
-    if b != b:
-        assert a != a, f"{name}: expected NaN, got {a}"
-        return
-    assert a == a, f"{name}: got NaN, expected {b}"
-    assert abs(a - b) <= rel * max(abs(b), scale) + 1e-7, f"{name}: {a} vs {b} (rel {rel}, scale {scale})"
 
 
 def rel_norm(a, b):
