@@ -80,6 +80,15 @@ def floors(shape: Shape, rates: dict) -> dict:
     return {"bytes": nbytes, "floor_s": nbytes / rates["copy_bytes_per_s"]}
 
 
+def memory_lower_bound(shape: Shape) -> int:
+    """linear: the gradients a fwd+bwd must return, dhidden ``[N, H]`` + dW ``[V, H]`` in the input dtype
+    (issue 4's lower bound, without its O(N) term); logits: 0 (no bound reported)."""
+    if shape.workload != "linear":
+        return 0
+    elt = {"bf16": 2, "fp16": 2, "fp32": 4}[shape.dtype]
+    return (shape.N + shape.V) * shape.H * elt
+
+
 def run_shape(shape: Shape, methods, device: str, repeats: int, log=print) -> dict:
     """Reference first, then each method in its own process; returns the result record."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,23 +131,29 @@ def run_shape(shape: Shape, methods, device: str, repeats: int, log=print) -> di
             r["time_vs_eager"] = r["time_s_median"] / base["time_s_median"]
             r["memory_vs_eager"] = r["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
     fl = floors(shape, rates)
+    bound = memory_lower_bound(shape)
+    for r in results:
+        if bound and "peak_extra_bytes" in r:
+            r["memory_vs_bound"] = r["peak_extra_bytes"] / bound
     for r in results:
         if fl and "time_s_median" in r:
             r["time_vs_floor"] = r["time_s_median"] / fl["floor_s"]
     return {"shape": shape.to_dict(), "results": results, "tolerances": {"loss": loss_tol, "grad": grad_tol},
-            "rates": rates, "floor": fl}
+            "rates": rates, "floor": fl, "memory_lower_bound_bytes": bound}
 
 
 def format_table(record: dict) -> str:
-    rows = [("method", "time ms", "x eager", "x floor", "peak extra MB", "x eager", "loss err", "grad err", "status")]
+    rows = [("method", "time ms", "x eager", "x floor", "peak extra MB", "x eager", "x bound", "loss err", "grad err",
+             "status")]
     for r in record["results"]:
         if "time_s_median" in r:
             rows.append((r["method"], f"{r['time_s_median'] * 1e3:.1f}", f"{r.get('time_vs_eager', float('nan')):.3f}",
                          f"{r['time_vs_floor']:.2f}" if "time_vs_floor" in r else "-",
                          f"{r['peak_extra_bytes'] / 2**20:.1f}", f"{r.get('memory_vs_eager', float('nan')):.3f}",
+                         f"{r['memory_vs_bound']:.3f}" if "memory_vs_bound" in r else "-",
                          f"{r['errors']['loss']:.1e}", f"{r['max_grad_err']:.1e}", r["status"]))
         else:
-            rows.append((r["method"], "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason', '')[:60]}"))
+            rows.append((r["method"], "-", "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason', '')[:60]}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -186,12 +186,13 @@ def dpo_case(P, T, H, V, dtype=torch.bfloat16):
     out = sk.fused_linear_preference_loss(h, w, labels, ref_hidden=ref_hidden, config=cfg, backend="triton")
     out.loss.backward()
     if on_gpu:
-        # Extra memory of the step: the gradients themselves, the dz scratch, the fp32 dhidden accumulator
-        # of the vocab-outer order, O(N) vectors (module docstring); 64 MiB of slack for the plan etc.
+        # Issue 4's goal: peak extra <= 1.05x the lower bound dhidden + dW (+ O(N)). The backward's own
+        # allocations are plan_backward's (tested on CPU to match the code); 32 MiB for the O(N) vectors.
         peak = torch.cuda.max_memory_allocated() - base
-        Nc = int((labels != IGNORE).sum())
-        bound = h.numel() * 2 + w.numel() * 2 + LL.kernel_config(dtype).scratch_bytes + Nc * H * 4 + 64 * 2**20
-        assert peak <= bound, f"peak extra memory {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+        lower_bound = h.numel() * 2 + w.numel() * 2
+        print(f"G1 peak extra {peak / 2**20:.0f} MiB = {peak / lower_bound:.3f}x the lower bound "
+              f"{lower_bound / 2**20:.0f} MiB")
+        assert peak <= 1.05 * lower_bound + 32 * 2**20, f"peak extra {peak / 2**20:.0f} MiB"
 
     # Oracle: fp32 chunked log-probs, the float64 loss and its g_s by autograd, the closed-form grads.
     plan = build_plan(labels, V, IGNORE, labels.shape, hidden.device)

@@ -54,19 +54,28 @@ single range or hidden is fp32: then it accumulates in ``dhidden`` itself). "tok
 is the mirror image: a token chunk x all of V, ``dhidden`` rows written once, ``dW`` accumulated in fp32
 ``[V, H]`` across chunks (none when the weight is fp32). The smaller accumulator wins.
 
-Costs: FLOPs ``6 Nc V H`` (+ ``2 Nc V H`` forward = the ``8 Nc V H`` floor of a policy fwd+bwd). Extra
-memory: the dz scratch (``scratch_bytes``, default 256 MiB, ``$SPO_KERNELS_LINEAR_SCRATCH_MB``) + the
-fp32 accumulator of the streamed side (0 when it is fp32 or when one block covers the plane; G1 in
-bf16: ``Nc * H * 4`` = 256 MiB) + O(Nc + V). Extra global traffic over the three matmuls: dz written
-once and read twice (``6 Nc V`` bytes in bf16) and one read-modify-write of the accumulator per step.
-Every reduction runs in a fixed order with no atomics, so **results are bitwise reproducible in every
-mode**; ``deterministic=True`` is accepted and selects the same code.
+Memory (``plan_backward``, default ``reuse_outputs=True``). With a 16-bit hidden, vocab-outer needs the
+fp32 ``[Nc, H]`` dhidden accumulator and a dz scratch; neither gets memory of its own:
 
-Against issue 4's memory goal (peak extra <= 1.05x of dhidden + dW + O(N)): at G1 in bf16 the lower
-bound is dhidden 256 MiB + dW 1002 MiB; this backward adds the scratch (256 MiB) and the fp32 dhidden
-accumulator (256 MiB), about 1.4x. A smaller scratch lowers the first term (more vocab ranges, more
-accumulator traffic); the second is what exact fp32 accumulation of *both* reductions costs with a
-bf16 head (fp32 heads/hidden accumulate in place and reach the bound plus the scratch).
+* the dz scratch is a view of **dhidden's own storage** (``N * H`` elements, nothing else lives there
+  until the end), so a range is ``min(scratch_bytes / itemsize, N * H) / Nc`` columns (8192 at G1);
+* the accumulator is a view of **the last ``4 Nc / itemsize`` rows of dW** (``tail_start`` onwards,
+  rounded to ``block_v``): phase 1 walks every range, but writes dW only for rows below ``tail_start``;
+  once the last range has added its partial, dhidden is zeroed and the accumulator scattered into its
+  plan rows (``_scatter_rows_kernel``); phase 2 then recomputes dz for the tail columns (into a fresh
+  scratch of at most 1/32 of the gradients' bytes) and writes those dW rows, exactly, in one GEMM each.
+
+Used when dW exists and the tail is at most half of V (else the accumulator is allocated). At G1 in
+bf16 (dhidden 256 MiB + dW 1002 MiB): allocations beyond the gradients 36 MiB, **1.03x the lower bound**
+(``reuse_outputs=False``: scratch 256 MiB + accumulator 256 MiB, 1.41x), for a second recompute of
+``2 Nc V H * (2 Nc / V)`` FLOPs: +6.4% of the policy's ``8 Nc V H`` at G1 (``Nc / V`` = 0.128).
+A frozen head (no dW) takes token-outer with a fresh scratch; an fp32 hidden accumulates in dhidden.
+
+Costs: FLOPs ``6 Nc V H`` (+ ``2 Nc V H`` forward = the ``8 Nc V H`` floor of a policy fwd+bwd), plus
+the phase-2 recompute above. Extra global traffic over the three matmuls: dz written once and read twice
+(``6 Nc V`` bytes in bf16) and one read-modify-write of the accumulator per range. Every reduction runs
+in a fixed order with no atomics, so **results are bitwise reproducible in every mode**;
+``deterministic=True`` is accepted and selects the same code.
 
 Gradient filter (``grad_filter_eps > 0``, opt-in, approximate): the dz kernel flags a tile when
 ``|g (onehot - softmax)| < eps`` on all its entries, zeroes it, and both GEMMs skip flagged tiles (their
@@ -121,6 +130,8 @@ class LinearKernelConfig:
     num_splits: forward vocabulary splits (None: enough for about 4 waves, at least 8).
     scratch_bytes: size of the backward dz scratch.
     outer: "auto" | "vocab" | "token", the backward's streaming order (see the module docstring).
+    reuse_outputs: let the backward place its dz scratch in dhidden's storage and its fp32 dhidden
+        accumulator in dW's (module docstring, "Memory"); False allocates both (one recompute less).
     """
 
     block_n: int = 128
@@ -136,6 +147,7 @@ class LinearKernelConfig:
     num_splits: Optional[int] = None
     scratch_bytes: int = 256 * 2**20
     outer: str = "auto"
+    reuse_outputs: bool = True
 
     def check(self) -> None:
         for name in ("block_n", "block_v", "block_h", "gemm_m", "gemm_n", "gemm_k", "segment_block"):
@@ -573,10 +585,30 @@ def _bias_reduce_kernel(
         tl.store(acc_ptr + off, acc, mask=mask)
 
 
+@triton.jit
+def _scatter_rows_kernel(acc_ptr, token_idx_ptr, out_ptr, n_tok, H, group,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out[token_idx[m], :] = acc[m, :]`` cast to out's dtype: the compact fp32 dhidden accumulator
+    (plan order) into the ``[N, H]`` gradient."""
+    pid = tl.program_id(0)
+    pm, pn = _swizzle(pid, tl.cdiv(n_tok, BLOCK_M), tl.cdiv(H, BLOCK_N), group)
+    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < n_tok
+    hs = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = row_mask[:, None] & (hs < H)[None, :]
+    tok = tl.load(token_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    x = tl.load(acc_ptr + rows[:, None] * H + hs[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + tok[:, None] * H + hs[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _ranges(start, stop, width):
+    return [(v, min(width, stop - v)) for v in range(start, stop, width)]
+
+
 def _plan_blocks(Nc, V, itemsize, cfg, need_hidden, need_weight, need_bias, hidden_dtype, weight_dtype,
                  bias_dtype):
-    """Choose the streaming order and the (token chunk, vocab range) blocks: returns
-    ``(outer, [(tok_start, n_tok)], [(v_start, n_v)])``."""
+    """The streaming order and the (token chunk, vocab range) blocks of a fresh ``scratch_bytes`` scratch:
+    returns ``(outer, [(tok_start, n_tok)], [(v_start, n_v)])``."""
     tile = cfg.block_n * cfg.block_v
     cap_elems = max(tile, cfg.scratch_bytes // itemsize)
     outer = cfg.outer
@@ -591,16 +623,110 @@ def _plan_blocks(Nc, V, itemsize, cfg, need_hidden, need_weight, need_bias, hidd
             outer = "vocab" if vocab_acc <= token_acc else "token"
     if outer == "vocab":
         n_v = max(cfg.block_v, (cap_elems // max(Nc, 1)) // cfg.block_v * cfg.block_v)
-        n_v = min(n_v, V)
-        return outer, [(0, Nc)], [(v, min(n_v, V - v)) for v in range(0, V, n_v)]
+        return outer, [(0, Nc)], _ranges(0, V, min(n_v, V))
     n_t = max(cfg.block_n, (cap_elems // V) // cfg.block_n * cfg.block_n)
-    n_t = min(n_t, Nc)
-    return outer, [(t, min(n_t, Nc - t)) for t in range(0, Nc, n_t)], [(0, V)]
+    return outer, _ranges(0, Nc, min(n_t, Nc)), [(0, V)]
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """How :func:`linear_backward` walks the ``[Nc, V]`` plane and where its buffers live.
+
+    Phase 1 visits ``tok_blocks x v_blocks``; dW rows ``>= tail_start`` are not written there (their
+    storage may hold the dhidden accumulator) but in phase 2, which recomputes dz for ``tail_blocks``.
+    scratch: "fresh" or "dhidden" (the dz scratch is a view of dhidden's storage, which nothing else
+        uses before the end).
+    dh_acc: "none" (one range writes dhidden directly), "dhidden" (fp32: accumulate in place), "fresh"
+        (a compact fp32 ``[Nc, H]`` buffer) or "weight_tail" (the same buffer, placed in the storage of
+        dW rows ``>= tail_start``, written only after dhidden is final).
+    dw_acc / db_acc: "none", "weight" / "bias" (fp32: in place) or "fresh" (token-outer, 16-bit).
+    extra_bytes: the allocations beyond the gradients themselves, by name (O(Nc + V) ones included).
+    """
+
+    outer: str
+    tok_blocks: list
+    v_blocks: list
+    stride_dz: int
+    scratch: str
+    dh_acc: str
+    dw_acc: str
+    db_acc: str
+    tail_start: int
+    tail_blocks: list
+    tail_stride_dz: int
+    extra_bytes: dict
+
+    @property
+    def total_extra_bytes(self) -> int:
+        return sum(self.extra_bytes.values())
+
+
+def plan_backward(N, Nc, V, H, hidden_dtype, weight_dtype, bias_dtype, need_hidden, need_weight, need_bias,
+                  cfg: LinearKernelConfig, filter_on=False) -> BackwardPlan:
+    """Choose the backward's blocks and buffer placement (see the module docstring, "Memory").
+
+    ``N`` rows of hidden, ``Nc`` plan tokens, ``V x H`` head; dtypes of hidden / weight / bias (None when
+    there is no bias to differentiate). Pure host arithmetic, so its memory figures are testable anywhere.
+    """
+    h_item = torch.empty(0, dtype=hidden_dtype).element_size()
+    w_item = torch.empty(0, dtype=weight_dtype).element_size()
+    f32 = torch.float32
+    outer, tok_blocks, v_blocks = _plan_blocks(Nc, V, h_item, cfg, need_hidden, need_weight, need_bias,
+                                               hidden_dtype, weight_dtype, bias_dtype)
+    scratch, dh_acc, tail_start, tail_blocks = "fresh", "none", V, []
+    width = max(n for _, n in v_blocks)
+    # Output reuse (cfg.reuse_outputs): vocab-outer with a 16-bit dhidden needs the fp32 accumulator; the
+    # dz scratch then moves into dhidden's own storage, as wide as the cap and that storage allow.
+    host_w = min(cfg.scratch_bytes // h_item, N * H) // max(Nc, 1) // cfg.block_v * cfg.block_v
+    if (cfg.reuse_outputs and outer == "vocab" and need_hidden and hidden_dtype != f32
+            and host_w >= cfg.block_v):
+        scratch, dh_acc = "dhidden", "fresh"
+        width = min(host_w, triton.cdiv(V, cfg.block_v) * cfg.block_v)
+        # fp32 [Nc, H] = Nc * 4 / w_item rows of dW. Hosting it there costs one more recompute of those
+        # columns (phase 2), so only when they are at most half the vocabulary.
+        acc_rows = triton.cdiv(Nc * 4, w_item)
+        if need_weight and acc_rows <= V // 2:
+            dh_acc = "weight_tail"
+            tail_start = (V - acc_rows) // cfg.block_v * cfg.block_v
+            v_blocks = _ranges(0, tail_start, width) + _ranges(tail_start, V, width)
+            # Phase 2's scratch is fresh: at most 1/32 of the gradients' own bytes (and of the cap).
+            budget = min(cfg.scratch_bytes, (N * H * h_item + V * H * w_item) // 32)
+            tail_w = max(cfg.block_v, budget // (Nc * h_item) // cfg.block_v * cfg.block_v)
+            tail_blocks = _ranges(tail_start, V, min(tail_w, V - tail_start))
+        else:
+            v_blocks = _ranges(0, V, width)
+    multi_tok, multi_v = len(tok_blocks) > 1, len(v_blocks) > 1
+    if dh_acc == "none" and need_hidden:
+        dh_acc = "dhidden" if hidden_dtype == f32 else ("fresh" if multi_v else "none")
+    dw_acc = "none"
+    if need_weight:
+        dw_acc = "weight" if weight_dtype == f32 else ("fresh" if multi_tok else "none")
+    db_acc = "none"
+    if need_bias:
+        db_acc = "bias" if bias_dtype == f32 else ("fresh" if multi_tok else "none")
+
+    max_tok = max(n for _, n in tok_blocks)
+    max_v = max(n for _, n in v_blocks)
+    stride_dz = triton.cdiv(max_v, 16) * 16  # 32-byte aligned rows
+    tail_stride = triton.cdiv(max((n for _, n in tail_blocks), default=0), 16) * 16
+    max_tb = triton.cdiv(max_tok, cfg.block_n)
+    max_vb = triton.cdiv(max(max_v, tail_stride), cfg.block_v)
+    extra = {
+        "dz_scratch": 0 if scratch == "dhidden" else max_tok * stride_dz * h_item,
+        "tail_dz_scratch": Nc * tail_stride * h_item,
+        "dhidden_acc": Nc * H * 4 if dh_acc == "fresh" else 0,
+        "dweight_acc": V * H * 4 if dw_acc == "fresh" else 0,
+        "dbias_acc": V * 4 if db_acc == "fresh" else 0,
+        "dbias_partials": max_tb * max_v * 4 if need_bias else 0,
+        "skip_flags": max_tb * max_vb if filter_on else 0,
+    }
+    return BackwardPlan(outer, tok_blocks, v_blocks, stride_dz, scratch, dh_acc, dw_acc, db_acc, tail_start,
+                        tail_blocks, tail_stride, extra)
 
 
 def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq, need_hidden, need_weight,
                     need_bias, deterministic=False, grad_filter_eps=0.0):
-    """Gradients of ``sum_s grad_seq[s] * L_s`` w.r.t. hidden, weight and bias, one logit recompute.
+    """Gradients of ``sum_s grad_seq[s] * L_s`` w.r.t. hidden, weight and bias, by streaming dz.
 
     Args:
         hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` | None, plan, softcap, temperature: as in forward.
@@ -619,37 +745,50 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
     N, H = hidden.shape
     V = weight.shape[0]
     Nc = plan.num_tokens
-    dh = torch.zeros((N, H), dtype=hidden.dtype, device=device) if need_hidden else None
     if Nc == 0 or not (need_hidden or need_weight or need_bias):
         return LinearGrads(
-            hidden=dh,
+            hidden=torch.zeros((N, H), dtype=hidden.dtype, device=device) if need_hidden else None,
             weight=torch.zeros((V, H), dtype=weight.dtype, device=device) if need_weight else None,
             bias=torch.zeros_like(bias) if need_bias else None)
     cfg = kernel_config(hidden.dtype)
+    use_filter = grad_filter_eps > 0
+    bp = plan_backward(N, Nc, V, H, hidden.dtype, weight.dtype, bias.dtype if need_bias else None,
+                       need_hidden, need_weight, need_bias, cfg, use_filter)
+    f32 = torch.float32
+    # Gradients. dhidden is zero outside the plan: zeroed up front unless its storage hosts the scratch
+    # (then it is zeroed after the last read of dz, just before the accumulator is scattered into it).
+    dh = None
+    if need_hidden:
+        dh = _empty((N, H), hidden.dtype, device) if bp.scratch == "dhidden" else torch.zeros(
+            (N, H), dtype=hidden.dtype, device=device)
     dw = _empty((V, H), weight.dtype, device) if need_weight else None
     db = _empty((V,), bias.dtype, device) if need_bias else None
-    itemsize = hidden.element_size()
-    outer, tok_blocks, v_blocks = _plan_blocks(Nc, V, itemsize, cfg, need_hidden, need_weight, need_bias,
-                                               hidden.dtype, weight.dtype, bias.dtype if need_bias else None)
-
-    # Accumulators of the streamed side (only when it streams in more than one step and is not fp32).
-    multi_tok, multi_v = len(tok_blocks) > 1, len(v_blocks) > 1
-    dh_acc = dh if (need_hidden and hidden.dtype == torch.float32) else (
-        _empty((Nc, H), torch.float32, device) if (need_hidden and multi_v) else None)
-    dw_acc = dw if (need_weight and weight.dtype == torch.float32) else (
-        _empty((V, H), torch.float32, device) if (need_weight and multi_tok) else None)
-    db_acc = db if (need_bias and bias.dtype == torch.float32) else (
-        _empty((V,), torch.float32, device) if (need_bias and multi_tok) else None)
-
-    max_tok = max(n for _, n in tok_blocks)
-    max_v = max(n for _, n in v_blocks)
-    stride_dz = triton.cdiv(max_v, 16) * 16  # 32-byte aligned rows
-    dz = _empty((max_tok, stride_dz), hidden.dtype, device)
+    # Accumulators.
+    if bp.dh_acc == "weight_tail":
+        # Rows >= tail_start of dW, reinterpreted as fp32 [Nc, H]; dW's own values go there in phase 2.
+        start = bp.tail_start * H  # a multiple of block_v * H elements: the fp32 view is aligned
+        dh_acc = dw.view(-1)[start: start + Nc * H * 4 // dw.element_size()].view(f32).view(Nc, H)
+        if POISON_EMPTY:
+            dh_acc.fill_(float("nan"))
+    else:
+        dh_acc = {"none": None, "dhidden": dh, "fresh": None}[bp.dh_acc]
+        if bp.dh_acc == "fresh":
+            dh_acc = _empty((Nc, H), f32, device)
+    dw_acc = {"none": None, "weight": dw}.get(bp.dw_acc) if bp.dw_acc != "fresh" else _empty((V, H), f32, device)
+    db_acc = {"none": None, "bias": db}.get(bp.db_acc) if bp.db_acc != "fresh" else _empty((V,), f32, device)
+    max_tok = max(n for _, n in bp.tok_blocks)
+    if bp.scratch == "dhidden":
+        dz = dh.view(-1)[: max_tok * bp.stride_dz].view(max_tok, bp.stride_dz)
+        if POISON_EMPTY:
+            dz.fill_(float("nan"))
+    else:
+        dz = _empty((max_tok, bp.stride_dz), hidden.dtype, device)
     max_tb = triton.cdiv(max_tok, cfg.block_n)
-    max_vb = triton.cdiv(max_v, cfg.block_v)
-    db_part = _empty((max_tb, max_v), torch.float32, device) if need_bias else dz
-    use_filter = grad_filter_eps > 0
-    skip = torch.empty((max_tb * max_vb,), dtype=torch.int8, device=device) if use_filter else dz
+    max_v = max(n for _, n in bp.v_blocks)
+    db_part = _empty((max_tb, max_v), f32, device) if need_bias else dz
+    max_vb = triton.cdiv(max(max_v, bp.tail_stride_dz), cfg.block_v)
+    skip = _empty((max_tb * max_vb,), torch.int8, device) if use_filter else dz
+
     softcap_v, inv_temp = _softcap_args(softcap, temperature)
     dot = _dot_mode(hidden.dtype)
     token_idx = plan.token_idx.contiguous()
@@ -660,39 +799,59 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     gm, gn, gk = cfg.gemm_m, cfg.gemm_n, cfg.gemm_k
 
+    def grad_logits(dz_buf, stride, tok_start, n_tok, v_start, n_v, with_db):
+        _grad_logits_kernel[(triton.cdiv(n_tok, cfg.block_n) * triton.cdiv(n_v, cfg.block_v),)](
+            hidden, weight, bias if bias is not None else hidden, token_idx, targets, seq_id, lse,
+            grad_seq, dz_buf, db_part, skip,
+            tok_start, n_tok, v_start, n_v, H, hidden.stride(0), weight.stride(0), stride,
+            cfg.group, softcap_v, inv_temp, float(grad_filter_eps),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT=dot, NEED_DB=with_db,
+            FILTER=use_filter, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, **launch)
+
+    def dw_gemm(dz_buf, stride, tok_start, n_tok, v_start, n_v, load_acc, store_out):
+        _dw_gemm_kernel[(triton.cdiv(n_v, gm) * triton.cdiv(H, gn),)](
+            dz_buf, hidden, token_idx, dw_acc if dw_acc is not None else dw, dw, skip,
+            tok_start, n_tok, v_start, n_v, H, stride, hidden.stride(0), triton.cdiv(n_v, cfg.block_v), cfg.group,
+            LOAD_ACC=load_acc, STORE_OUT=store_out, FILTER=use_filter, DOT=dot,
+            SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, **launch)
+
     with _device_ctx(hidden):
-        for tok_start, n_tok in tok_blocks:
+        # Phase 1: every block of the plane.
+        for tok_start, n_tok in bp.tok_blocks:
             num_tb = triton.cdiv(n_tok, cfg.block_n)
             first_tok, last_tok = tok_start == 0, tok_start + n_tok == Nc
-            for v_start, n_v in v_blocks:
+            for v_start, n_v in bp.v_blocks:
                 num_vb = triton.cdiv(n_v, cfg.block_v)
                 first_v, last_v = v_start == 0, v_start + n_v == V
-                _grad_logits_kernel[(num_tb * num_vb,)](
-                    hidden, weight, bias if bias is not None else hidden, token_idx, targets, seq_id, lse,
-                    grad_seq, dz, db_part, skip,
-                    tok_start, n_tok, v_start, n_v, H, hidden.stride(0), weight.stride(0), stride_dz,
-                    cfg.group, softcap_v, inv_temp, float(grad_filter_eps),
-                    HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT=dot, NEED_DB=need_bias,
-                    FILTER=use_filter, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, **launch)
-                if need_weight:
+                grad_logits(dz, bp.stride_dz, tok_start, n_tok, v_start, n_v, need_bias)
+                if need_weight and v_start < bp.tail_start:
                     # Across token chunks (token-outer) dW accumulates in fp32; the last chunk writes it.
-                    store_out = last_tok or dw_acc is dw
-                    _dw_gemm_kernel[(triton.cdiv(n_v, gm) * triton.cdiv(H, gn),)](
-                        dz, hidden, token_idx, dw_acc if dw_acc is not None else dw, dw, skip,
-                        tok_start, n_tok, v_start, n_v, H, stride_dz, hidden.stride(0), num_vb, cfg.group,
-                        LOAD_ACC=not first_tok, STORE_OUT=store_out, FILTER=use_filter, DOT=dot,
-                        SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, **launch)
+                    dw_gemm(dz, bp.stride_dz, tok_start, n_tok, v_start, n_v, not first_tok,
+                            last_tok or dw_acc is dw)
                 if need_bias:
                     _bias_reduce_kernel[(triton.cdiv(n_v, 128),)](
                         db_part, db_acc if db_acc is not None else db, db, v_start, n_v, num_tb,
                         LOAD_ACC=not first_tok, STORE_OUT=last_tok or db_acc is db, BLOCK=128, num_warps=4)
                 if need_hidden:
-                    # Across vocab ranges (vocab-outer) dhidden accumulates in fp32; the last range writes it.
+                    # Across vocab ranges (vocab-outer) dhidden accumulates in fp32. The last range writes
+                    # dhidden itself, unless dhidden's storage is the scratch being read (then see below).
                     gathered = dh_acc is dh
+                    store_out = (last_v and bp.scratch != "dhidden") or gathered
                     _dh_gemm_kernel[(triton.cdiv(n_tok, gm) * triton.cdiv(H, gn),)](
                         dz, weight, token_idx, dh_acc if dh_acc is not None else dh, dh, skip,
-                        tok_start, n_tok, v_start, n_v, H, stride_dz, weight.stride(0), num_vb, cfg.group,
-                        LOAD_ACC=not first_v, ACC_GATHERED=gathered, STORE_OUT=last_v or gathered,
+                        tok_start, n_tok, v_start, n_v, H, bp.stride_dz, weight.stride(0), num_vb, cfg.group,
+                        LOAD_ACC=not first_v, ACC_GATHERED=gathered, STORE_OUT=store_out,
                         FILTER=use_filter, DOT=dot, SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v,
                         BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, **launch)
+        if bp.scratch == "dhidden":
+            # dz is dead: dhidden = 0 outside the plan, the accumulator on its rows.
+            dh.zero_()
+            _scatter_rows_kernel[(triton.cdiv(Nc, gm) * triton.cdiv(H, gn),)](
+                dh_acc, token_idx, dh, Nc, H, cfg.group, BLOCK_M=gm, BLOCK_N=gn, num_warps=4)
+        # Phase 2: the dW rows that held the accumulator, from a second recompute of their dz.
+        if bp.tail_blocks:
+            dz_tail = _empty((Nc, bp.tail_stride_dz), hidden.dtype, device)
+            for v_start, n_v in bp.tail_blocks:
+                grad_logits(dz_tail, bp.tail_stride_dz, 0, Nc, v_start, n_v, False)
+                dw_gemm(dz_tail, bp.tail_stride_dz, 0, Nc, v_start, n_v, False, True)
     return LinearGrads(hidden=dh, weight=dw, bias=db)
