@@ -11,6 +11,6 @@ if ls wheels/*.whl >/dev/null 2>&1; then
 fi
 python -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu-info.txt"
-python -m pytest -q -m gpu tests 2>&1 | tail -30 | tee "$OUT/gpu-tests.txt"
+python -m pytest -q -rP -m gpu tests 2>&1 | tee "$OUT/gpu-tests.txt" | tail -30
 python -m benchmarks --preset G2 --device cuda --out-dir "$OUT" --name G2-cuda 2>&1 | tail -20
 python -m benchmarks --preset G1 --device cuda --out-dir "$OUT" --name G1-cuda 2>&1 | tail -20

@@ -78,6 +78,8 @@ def test_fused_linear_step_within_1_05x_lower_bound(monkeypatch):
     peak = peak_extra_bytes(step)
     lower_bound = hidden.numel() * 2 + weight.numel() * 2
     N = 2 * P * T
+    print(f"\nfused-linear step, triton backend: peak extra {peak} B = {peak / lower_bound:.3f}x dhidden + dW "
+          f"({lower_bound} B)")
     assert torch.isfinite(out["loss"]) and hidden.grad is not None and weight.grad is not None
     assert bool(torch.isfinite(weight.grad.float()).all()) and bool(weight.grad.float().abs().sum() > 0)
     assert peak <= 1.05 * lower_bound + 64 * N, (
