@@ -217,6 +217,27 @@ def _swizzle(pid, num_m, num_n, group):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, DOT: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation."""
+    if DOT == "native":  # 16-bit operands on tensor cores, fp32 accumulation
+        return tl.dot(a, b, acc)
+    # fp32 inputs (no TF32), or 16-bit widened in the interpreter
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def _finish(acc, acc_ptr, out_ptr, acc_off, out_off, mask, LOAD_ACC: tl.constexpr, STORE_OUT: tl.constexpr):
+    """Add the fp32 partial already at ``acc_ptr`` (LOAD_ACC), then either write the result to ``out``
+    in its dtype (STORE_OUT, the last step) or put the fp32 partial back."""
+    if LOAD_ACC:
+        acc += tl.load(acc_ptr + acc_off, mask=mask, other=0.0)
+    if STORE_OUT:
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptr + acc_off, acc, mask=mask)
+
+
+@triton.jit
 def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, h_row_off, row_mask, cols, col_mask, H, stride_w,
                 softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -233,10 +254,7 @@ def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, h_row_off, row_mask, cols, col
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_t = tl.load(weight_ptr + w_row_off[None, :] + ks[:, None],
                       mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        if DOT == "native":  # 16-bit operands on tensor cores, fp32 accumulation
-            acc = tl.dot(h, w_t, acc)
-        else:  # fp32 inputs (no TF32), or 16-bit widened in the interpreter
-            acc = tl.dot(h.to(tl.float32), w_t.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot_acc(h, w_t, acc, DOT)
     # The bias is added once, after the whole H reduction.
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -498,18 +516,10 @@ def _dw_gemm_kernel(
             tok = tl.load(token_idx_ptr + tok_start + ks, mask=k_mask, other=0).to(tl.int64)
             b = tl.load(hidden_ptr + tok[:, None] * stride_h + hs[None, :],
                         mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-            if DOT == "native":  # 16-bit operands on tensor cores, fp32 accumulation
-                acc = tl.dot(a, b, acc)
-            else:  # fp32 inputs (no TF32), or 16-bit widened in the interpreter
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            acc = _dot_acc(a, b, acc, DOT)
     off = (v_start + local_cols).to(tl.int64)[:, None] * H + hs[None, :]
     mask = v_mask[:, None] & h_mask[None, :]
-    if LOAD_ACC:
-        acc += tl.load(acc_ptr + off, mask=mask, other=0.0)
-    if STORE_OUT:
-        tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(acc_ptr + off, acc, mask=mask)
+    _finish(acc, acc_ptr, out_ptr, off, off, mask, LOAD_ACC, STORE_OUT)
 
 
 @triton.jit
@@ -544,10 +554,7 @@ def _dh_gemm_kernel(
             a = tl.load(dz_ptr + dz_row_off + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(weight_ptr + (v_start + ks).to(tl.int64)[:, None] * stride_w + hs[None, :],
                         mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-            if DOT == "native":  # 16-bit operands on tensor cores, fp32 accumulation
-                acc = tl.dot(a, b, acc)
-            else:  # fp32 inputs (no TF32), or 16-bit widened in the interpreter
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            acc = _dot_acc(a, b, acc, DOT)
     rows = tok_start + local_rows.to(tl.int64)
     tok = tl.load(token_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     mask = row_mask[:, None] & h_mask[None, :]
@@ -555,12 +562,7 @@ def _dh_gemm_kernel(
     acc_off = rows[:, None] * H + hs[None, :]
     if ACC_GATHERED:
         acc_off = out_off
-    if LOAD_ACC:
-        acc += tl.load(acc_ptr + acc_off, mask=mask, other=0.0)
-    if STORE_OUT:
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(acc_ptr + acc_off, acc, mask=mask)
+    _finish(acc, acc_ptr, out_ptr, acc_off, out_off, mask, LOAD_ACC, STORE_OUT)
 
 
 @triton.jit
@@ -577,12 +579,7 @@ def _bias_reduce_kernel(
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += n_v
     off = v_start + cols
-    if LOAD_ACC:
-        acc += tl.load(acc_ptr + off, mask=mask, other=0.0)
-    if STORE_OUT:
-        tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(acc_ptr + off, acc, mask=mask)
+    _finish(acc, acc_ptr, out_ptr, off, off, mask, LOAD_ACC, STORE_OUT)
 
 
 @triton.jit
@@ -640,6 +637,7 @@ class BackwardPlan:
         (a compact fp32 ``[Nc, H]`` buffer) or "weight_tail" (the same buffer, placed in the storage of
         dW rows ``>= tail_start``, written only after dhidden is final).
     dw_acc / db_acc: "none", "weight" / "bias" (fp32: in place) or "fresh" (token-outer, 16-bit).
+    dz_rows / db_part_shape / num_skip_flags: sizes of the dz scratch, the bias partials, the filter flags.
     extra_bytes: the allocations beyond the gradients themselves, by name (O(Nc + V) ones included).
     """
 
@@ -654,6 +652,9 @@ class BackwardPlan:
     tail_start: int
     tail_blocks: list
     tail_stride_dz: int
+    dz_rows: int
+    db_part_shape: tuple
+    num_skip_flags: int
     extra_bytes: dict
 
     @property
@@ -710,7 +711,7 @@ def plan_backward(N, Nc, V, H, hidden_dtype, weight_dtype, bias_dtype, need_hidd
     stride_dz = triton.cdiv(max_v, 16) * 16  # 32-byte aligned rows
     tail_stride = triton.cdiv(max((n for _, n in tail_blocks), default=0), 16) * 16
     max_tb = triton.cdiv(max_tok, cfg.block_n)
-    max_vb = triton.cdiv(max(max_v, tail_stride), cfg.block_v)
+    num_skip_flags = max_tb * triton.cdiv(max(max_v, tail_stride), cfg.block_v)
     extra = {
         "dz_scratch": 0 if scratch == "dhidden" else max_tok * stride_dz * h_item,
         "tail_dz_scratch": Nc * tail_stride * h_item,
@@ -718,10 +719,10 @@ def plan_backward(N, Nc, V, H, hidden_dtype, weight_dtype, bias_dtype, need_hidd
         "dweight_acc": V * H * 4 if dw_acc == "fresh" else 0,
         "dbias_acc": V * 4 if db_acc == "fresh" else 0,
         "dbias_partials": max_tb * max_v * 4 if need_bias else 0,
-        "skip_flags": max_tb * max_vb if filter_on else 0,
+        "skip_flags": num_skip_flags if filter_on else 0,
     }
     return BackwardPlan(outer, tok_blocks, v_blocks, stride_dz, scratch, dh_acc, dw_acc, db_acc, tail_start,
-                        tail_blocks, tail_stride, extra)
+                        tail_blocks, tail_stride, max_tok, (max_tb, max_v), num_skip_flags, extra)
 
 
 def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq, need_hidden, need_weight,
@@ -763,7 +764,10 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
             (N, H), dtype=hidden.dtype, device=device)
     dw = _empty((V, H), weight.dtype, device) if need_weight else None
     db = _empty((V,), bias.dtype, device) if need_bias else None
-    # Accumulators.
+    # Accumulators: none, the gradient itself (fp32), a fresh fp32 buffer, or dW's tail rows.
+    def accumulator(kind, own, shape):
+        return _empty(shape, f32, device) if kind == "fresh" else (None if kind == "none" else own)
+
     if bp.dh_acc == "weight_tail":
         # Rows >= tail_start of dW, reinterpreted as fp32 [Nc, H]; dW's own values go there in phase 2.
         start = bp.tail_start * H  # a multiple of block_v * H elements: the fp32 view is aligned
@@ -771,23 +775,17 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
         if POISON_EMPTY:
             dh_acc.fill_(float("nan"))
     else:
-        dh_acc = {"none": None, "dhidden": dh, "fresh": None}[bp.dh_acc]
-        if bp.dh_acc == "fresh":
-            dh_acc = _empty((Nc, H), f32, device)
-    dw_acc = {"none": None, "weight": dw}.get(bp.dw_acc) if bp.dw_acc != "fresh" else _empty((V, H), f32, device)
-    db_acc = {"none": None, "bias": db}.get(bp.db_acc) if bp.db_acc != "fresh" else _empty((V,), f32, device)
-    max_tok = max(n for _, n in bp.tok_blocks)
+        dh_acc = accumulator(bp.dh_acc, dh, (Nc, H))
+    dw_acc = accumulator(bp.dw_acc, dw, (V, H))
+    db_acc = accumulator(bp.db_acc, db, (V,))
     if bp.scratch == "dhidden":
-        dz = dh.view(-1)[: max_tok * bp.stride_dz].view(max_tok, bp.stride_dz)
+        dz = dh.view(-1)[: bp.dz_rows * bp.stride_dz].view(bp.dz_rows, bp.stride_dz)
         if POISON_EMPTY:
             dz.fill_(float("nan"))
     else:
-        dz = _empty((max_tok, bp.stride_dz), hidden.dtype, device)
-    max_tb = triton.cdiv(max_tok, cfg.block_n)
-    max_v = max(n for _, n in bp.v_blocks)
-    db_part = _empty((max_tb, max_v), f32, device) if need_bias else dz
-    max_vb = triton.cdiv(max(max_v, bp.tail_stride_dz), cfg.block_v)
-    skip = _empty((max_tb * max_vb,), torch.int8, device) if use_filter else dz
+        dz = _empty((bp.dz_rows, bp.stride_dz), hidden.dtype, device)
+    db_part = _empty(bp.db_part_shape, f32, device) if need_bias else dz
+    skip = _empty((bp.num_skip_flags,), torch.int8, device) if use_filter else dz
 
     softcap_v, inv_temp = _softcap_args(softcap, temperature)
     dot = _dot_mode(hidden.dtype)
