@@ -72,6 +72,23 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _load_pair(ptr, i, P, valid, ACC: tl.constexpr):
+    """``(x[i], x[P + i])`` of a ``[2P]`` vector (chosen sequences first), 0 on invalid lanes, in ACC."""
+    w = tl.load(ptr + i, mask=valid, other=0).to(ACC)
+    l = tl.load(ptr + P + i, mask=valid, other=0).to(ACC)
+    return w, l
+
+
+@triton.jit
+def _load_ref_pair(ref_ptr, i, P, valid, HAS_REF: tl.constexpr, ACC: tl.constexpr):
+    """The reference log-probs of the pairs, or zeros without a reference (R = 0)."""
+    if HAS_REF:
+        return _load_pair(ref_ptr, i, P, valid, ACC)
+    zero = tl.zeros(i.shape, dtype=ACC)
+    return zero, zero
+
+
+@triton.jit
 def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, rdpo_a, tau,
                exo_log_1me, exo_log_e, LOSS: tl.constexpr):
     """Per-pair base loss and its derivatives ``(loss_i, dloss_i/dpw, dloss_i/dpl)`` on the loss's basis
@@ -225,15 +242,8 @@ def _loss_step_kernel(
             nw_raw = tl.load(counts_ptr + i, mask=valid, other=0).to(ACC)
             tok_acc += nw_raw
             if LOSS == "bco_pair":
-                nl_raw = tl.load(counts_ptr + P + i, mask=valid, other=0).to(ACC)
-                Lw = tl.load(policy_ptr + i, mask=valid, other=0.0).to(ACC)
-                Ll = tl.load(policy_ptr + P + i, mask=valid, other=0.0).to(ACC)
-                if HAS_REF:
-                    Rw = tl.load(ref_ptr + i, mask=valid, other=0.0).to(ACC)
-                    Rl = tl.load(ref_ptr + P + i, mask=valid, other=0.0).to(ACC)
-                else:
-                    Rw = zero
-                    Rl = zero
+                Lw, Ll = _load_pair(policy_ptr, i, P, valid, ACC)
+                Rw, Rl = _load_ref_pair(ref_ptr, i, P, valid, HAS_REF, ACC)
                 # u = b (p - r): bco_pair is on the summed basis
                 rew_acc += tl.where(valid, beta * (Lw - Rw) + beta * (Ll - Rl), 0.0)
         chosen_tokens = tl.maximum(tl.sum(tok_acc, axis=0), 1.0)
@@ -257,18 +267,11 @@ def _loss_step_kernel(
     for p0 in range(0, P, BLOCK_P):
         i = p0 + lanes
         valid = i < P
-        Lw = tl.load(policy_ptr + i, mask=valid, other=0.0).to(ACC)
-        Ll = tl.load(policy_ptr + P + i, mask=valid, other=0.0).to(ACC)
-        nw_raw = tl.load(counts_ptr + i, mask=valid, other=0).to(ACC)
-        nl_raw = tl.load(counts_ptr + P + i, mask=valid, other=0).to(ACC)
+        Lw, Ll = _load_pair(policy_ptr, i, P, valid, ACC)
+        nw_raw, nl_raw = _load_pair(counts_ptr, i, P, valid, ACC)
         nw = tl.maximum(nw_raw, 1.0)  # an empty completion counts as length 1 (SPEC 7)
         nl = tl.maximum(nl_raw, 1.0)
-        if HAS_REF:
-            Rw = tl.load(ref_ptr + i, mask=valid, other=0.0).to(ACC)
-            Rl = tl.load(ref_ptr + P + i, mask=valid, other=0.0).to(ACC)
-        else:
-            Rw = zero
-            Rl = zero
+        Rw, Rl = _load_ref_pair(ref_ptr, i, P, valid, HAS_REF, ACC)
         # basis: per-token means for ipo / simpo (chain rule d/dL = d/dp / n), sums otherwise
         if MEAN_BASIS:
             scale_w = 1.0 / nw
