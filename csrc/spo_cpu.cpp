@@ -156,6 +156,45 @@ std::tuple<at::Tensor, at::Tensor> finish_forward(const at::Tensor& m, const at:
 
 at::Tensor row_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
+// The plan's token rows and targets: int64, contiguous, equal lengths, in range of the rows / vocabulary.
+struct PlanRows {
+  at::Tensor token_idx, targets;
+  int64_t nc;
+};
+
+PlanRows checked_plan(const at::Tensor& token_idx_in, const at::Tensor& targets_in, int64_t num_rows, int64_t V) {
+  check_index(token_idx_in, "token_idx");
+  check_index(targets_in, "targets");
+  PlanRows p{token_idx_in.contiguous(), targets_in.contiguous(), token_idx_in.size(0)};
+  TORCH_CHECK(p.targets.size(0) == p.nc, "spo_kernels._cpu: targets and token_idx differ in length");
+  check_range(p.token_idx, num_rows, "token_idx");
+  check_range(p.targets, V, "targets");
+  return p;
+}
+
+at::Tensor checked_offsets(const at::Tensor& seq_offsets_in, int64_t nc) {
+  check_index(seq_offsets_in, "seq_offsets");
+  at::Tensor off = seq_offsets_in.contiguous();
+  check_offsets(off, nc);
+  return off;
+}
+
+// Per-token state of the online log-sum-exp: running max, sum of exp(z - max), target logit.
+struct LseState {
+  at::Tensor m, s, zt;
+};
+
+LseState lse_state(int64_t nc, const at::TensorOptions& opts) {
+  return {at::full({nc}, -std::numeric_limits<double>::infinity(), opts), at::zeros({nc}, opts),
+          at::zeros({nc}, opts)};
+}
+
+void check_linear(const at::Tensor& hidden, const at::Tensor& weight) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "spo_kernels._cpu: hidden [N, H] and weight [V, H] expected");
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "spo_kernels._cpu: CPU tensors expected");
+}
+
 // ------------------------------------------------------------------------------------------------
 // logits path
 // ------------------------------------------------------------------------------------------------
@@ -164,23 +203,16 @@ std::tuple<at::Tensor, at::Tensor> logits_forward(const at::Tensor& logits_in, c
                                                   const at::Tensor& targets_in, const at::Tensor& seq_offsets_in,
                                                   double softcap, double temperature) {
   TORCH_CHECK(logits_in.dim() == 2 && logits_in.device().is_cpu(), "spo_kernels._cpu: logits must be CPU [N, V]");
-  check_index(token_idx_in, "token_idx");
-  check_index(targets_in, "targets");
-  check_index(seq_offsets_in, "seq_offsets");
   const at::Tensor logits = row_contiguous(logits_in);
-  const at::Tensor token_idx = token_idx_in.contiguous(), targets = targets_in.contiguous();
-  const at::Tensor seq_offsets = seq_offsets_in.contiguous();
   const int di = dtype_index(logits.scalar_type());
   const auto acc = acc_type(logits.scalar_type());
-  const int64_t nc = token_idx.size(0), V = logits.size(1);
-  TORCH_CHECK(targets.size(0) == nc, "spo_kernels._cpu: targets and token_idx differ in length");
-  check_range(token_idx, logits.size(0), "token_idx");
-  check_range(targets, V, "targets");
-  check_offsets(seq_offsets, nc);
-  const auto opts = logits.options().dtype(acc);
-  at::Tensor m = at::full({nc}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor s = at::zeros({nc}, opts);
-  at::Tensor zt = at::zeros({nc}, opts);
+  const int64_t V = logits.size(1);
+  const PlanRows plan = checked_plan(token_idx_in, targets_in, logits.size(0), V);
+  const at::Tensor &token_idx = plan.token_idx, &targets = plan.targets;
+  const int64_t nc = plan.nc;
+  const at::Tensor seq_offsets = checked_offsets(seq_offsets_in, nc);
+  const LseState st = lse_state(nc, logits.options().dtype(acc));
+  const at::Tensor &m = st.m, &s = st.s, &zt = st.zt;
   if (nc > 0 && V > 0) {
     const LseFn fn = kernels()->lse[di];
     const void* base = logits.data_ptr();
@@ -292,26 +324,18 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& hidden, cons
                                                   const at::Tensor& token_idx_in, const at::Tensor& targets_in,
                                                   const at::Tensor& seq_offsets_in, double softcap,
                                                   double temperature, int64_t block_bytes) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "spo_kernels._cpu: hidden [N, H] and weight [V, H] expected");
-  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "spo_kernels._cpu: CPU tensors expected");
-  check_index(token_idx_in, "token_idx");
-  check_index(targets_in, "targets");
-  check_index(seq_offsets_in, "seq_offsets");
+  check_linear(hidden, weight);
   dtype_index(hidden.scalar_type());
   const auto acc = acc_type(hidden.scalar_type());
   const int di = dtype_index(acc);
-  const at::Tensor token_idx = token_idx_in.contiguous(), targets = targets_in.contiguous();
-  const at::Tensor seq_offsets = seq_offsets_in.contiguous();
-  const int64_t nc = token_idx.size(0), V = weight.size(0);
-  TORCH_CHECK(targets.size(0) == nc, "spo_kernels._cpu: targets and token_idx differ in length");
-  check_range(token_idx, hidden.size(0), "token_idx");
-  check_range(targets, V, "targets");
-  check_offsets(seq_offsets, nc);
+  const int64_t V = weight.size(0);
+  const PlanRows plan = checked_plan(token_idx_in, targets_in, hidden.size(0), V);
+  const at::Tensor &token_idx = plan.token_idx, &targets = plan.targets;
+  const int64_t nc = plan.nc;
+  const at::Tensor seq_offsets = checked_offsets(seq_offsets_in, nc);
   const auto opts = hidden.options().dtype(acc);
-  at::Tensor m = at::full({nc}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor s = at::zeros({nc}, opts);
-  at::Tensor zt = at::zeros({nc}, opts);
+  const LseState st = lse_state(nc, opts);
+  const at::Tensor &m = st.m, &s = st.s, &zt = st.zt;
   if (nc > 0 && V > 0) {
     const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
     const int64_t esz = c10::elementSize(acc);
@@ -349,9 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& token_idx_in, const at::Tensor& targets_in, const at::Tensor& seq_id_in,
     const at::Tensor& lse_in, const at::Tensor& grad_seq, double softcap, double temperature, bool need_hidden,
     bool need_weight, bool need_bias, int64_t block_bytes, bool bf16_grad_gemms) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "spo_kernels._cpu: hidden [N, H] and weight [V, H] expected");
-  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "spo_kernels._cpu: CPU tensors expected");
+  check_linear(hidden, weight);
   check_index(token_idx_in, "token_idx");
   check_index(targets_in, "targets");
   check_index(seq_id_in, "seq_id");
@@ -470,28 +492,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_frozen(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_opt,
     const at::Tensor& token_idx_in, const at::Tensor& targets_in, const at::Tensor& seq_offsets_in,
     double softcap, double temperature, int64_t block_bytes) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "spo_kernels._cpu: hidden [N, H] and weight [V, H] expected");
-  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "spo_kernels._cpu: CPU tensors expected");
+  check_linear(hidden, weight);
   const auto acc = acc_type(hidden.scalar_type());
   TORCH_CHECK(hidden.scalar_type() == acc && weight.scalar_type() == acc,
               "spo_kernels._cpu: linear_forward_frozen takes float32/float64 hidden and weight");
-  check_index(token_idx_in, "token_idx");
-  check_index(targets_in, "targets");
-  check_index(seq_offsets_in, "seq_offsets");
   const int di = dtype_index(acc);
-  const at::Tensor token_idx = token_idx_in.contiguous(), targets = targets_in.contiguous();
-  const at::Tensor seq_offsets = seq_offsets_in.contiguous();
+  const int64_t V = weight.size(0), H = weight.size(1);
+  const PlanRows plan = checked_plan(token_idx_in, targets_in, hidden.size(0), V);
+  const at::Tensor &token_idx = plan.token_idx, &targets = plan.targets;
+  const int64_t nc = plan.nc;
+  const at::Tensor seq_offsets = checked_offsets(seq_offsets_in, nc);
   const at::Tensor bias = bias_opt.has_value() ? as_acc(*bias_opt, acc) : at::Tensor();
-  const int64_t nc = token_idx.size(0), V = weight.size(0), H = weight.size(1);
-  TORCH_CHECK(targets.size(0) == nc, "spo_kernels._cpu: targets and token_idx differ in length");
-  check_range(token_idx, hidden.size(0), "token_idx");
-  check_range(targets, V, "targets");
-  check_offsets(seq_offsets, nc);
   const auto opts = hidden.options().dtype(acc);
-  at::Tensor m = at::full({nc}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor s = at::zeros({nc}, opts);
-  at::Tensor zt = at::zeros({nc}, opts);
+  const LseState st = lse_state(nc, opts);
+  const at::Tensor &m = st.m, &s = st.s, &zt = st.zt;
   at::Tensor lse = at::empty({nc}, opts);
   at::Tensor dh_unit = at::empty({nc, H}, opts);
   if (nc > 0 && V > 0) {
