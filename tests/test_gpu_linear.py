@@ -24,7 +24,7 @@ from spo_kernels.config import PreferenceLossConfig
 from spo_kernels.kernels import linear_logprobs as LL
 from spo_kernels.layout import build_plan
 from spo_kernels.reference import reference_pair_loss
-from batches import need_gpu_memory as _need_memory
+from batches import need_gpu_memory as _need_memory, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -104,13 +104,6 @@ def oracle_backward(hidden2d, weight, bias, plan, lse, grad_seq, softcap=None, t
             db += d.sum(0)
         del z, d, chain
     return dh, dw, db
-
-
-def rel_err(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def check_dhidden(dh_full, dh_plan_ref, plan, tol):

@@ -17,6 +17,7 @@ import torch
 import spo_kernels as sk
 from spo_kernels.kernels import linear_logprobs as LL
 from spo_kernels.layout import build_plan
+from batches import assert_close_scalar, rel_err
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-3, 2e-2), torch.float16: (1e-3, 2e-2)}
 
@@ -126,23 +127,6 @@ def run_loss(case, backend, dtype, *, ref="hidden", frozen_head=False, **opts):
 # checks
 # ---------------------------------------------------------------------------------------------
 
-def rel_err(a, b) -> float:
-    """Relative error in norm; a NaN/inf anywhere gives inf (NaN never passes)."""
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def check_scalar(a, b, rel, name):
-    a, b = float(a), float(b)
-    if math.isnan(b):
-        assert math.isnan(a), f"{name}: expected NaN (as the reference), got {a}"
-        return
-    assert not math.isnan(a), f"{name}: got NaN, expected {b}"
-    assert abs(a - b) <= rel * max(abs(b), 1.0), f"{name}: {a} vs reference {b} (rel {rel})"
-
-
 def plan_rows(case):
     labels = case["labels"].reshape(-1)
     return (labels != -100).nonzero().squeeze(1)
@@ -173,14 +157,14 @@ def check_against_reference(case, dtype=torch.float32, *, metrics=True, frozen_h
     want, ref_grads = run_loss(case, "reference", torch.float64, ref=ref, frozen_head=frozen_head, **opts)
     ltol = TOL[dtype][0]
     assert torch.isfinite(out.loss), "loss is not finite"
-    check_scalar(out.loss, want.loss, ltol, "loss")
+    assert_close_scalar(out.loss, want.loss, ltol, "loss", scale=1.0)
     assert rel_err(out.policy_logps, want.policy_logps) <= ltol
     if metrics:
         assert set(want.metrics) <= set(out.metrics)
         for name, value in want.metrics.items():
             if name == "rewards/accuracies" and (dtype != torch.float32 or metrics == "no-accuracy"):
                 continue  # a near-tie (16-bit, or a flat softmax) may flip
-            check_scalar(out.metrics[name], value, ltol, name)
+            assert_close_scalar(out.metrics[name], value, ltol, name, scale=1.0)
     check_grads(grads, ref_grads, case, dtype)
     return out, grads
 
