@@ -269,37 +269,54 @@ def _build_linear(method, inp, device, h, W):
     raise Unavailable(f"unknown method {method!r} for the linear workload")
 
 
+def _logits_source(buf):
+    """``produce()`` returns ``buf`` as the non-leaf output of an autograd node, as a model's LM head
+    returns its logits (a leaf would take the out-of-place backward: SPEC 6), and ``sink["logits"]``
+    receives the gradient that reaches it (the logits buffer itself after an in-place backward)."""
+    sink = {}
+    anchor = torch.zeros((), device=buf.device, requires_grad=True)
+
+    class _Head(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return buf
+
+        @staticmethod
+        def backward(ctx, grad):
+            sink["logits"] = grad
+            return torch.zeros((), device=grad.device)
+
+    return (lambda: _Head.apply(anchor)), sink, anchor
+
+
 def _build_logits(method, inp, device):
-    pristine = inp["logits"]
-    z = pristine.clone().requires_grad_(True)
-    leaves = [z]
+    buf = inp["logits"]
+    produce, sink, anchor = _logits_source(buf)
     labels, cu, ref = inp["labels"], inp["cu_seqlens"], inp["ref_logps"]
     S = cu.shape[0] - 1
 
-    def refresh():
-        # The in-place backward leaves the gradient in the logits buffer: restore the logits
-        # before the next step (outside the timed region, see worker.py).
-        with torch.no_grad():
-            z.copy_(pristine)
+    def finish(loss, step):
+        loss.backward()
+        g = sink.pop("logits")
+        # after an in-place backward the logits are gone: the worker draws them again (untimed)
+        step.inplace = g.data_ptr() == buf.data_ptr()
+        return {"loss": loss.detach(), "grads": {"logits": g}}
 
     if method in ("eager", "compile"):
         fn = _eager_logits_loss if method == "eager" else torch.compile(_eager_logits_loss)
 
         def step():
-            loss = fn(z, labels, ref, S)
-            loss.backward()
-            return {"loss": loss.detach(), "grads": {"logits": z.grad}}
-        step.refresh, step.leaves = refresh, leaves
+            return finish(fn(produce(), labels, ref, S), step)
+        step.leaves, step.logits, step.inplace = [anchor], buf, False
         return step
 
     if method == "spo" or method.startswith("spo_"):
         backend = None if method == "spo" else method.split("_", 1)[1]
 
         def step():
-            out = sk.preference_loss(z, labels, cu_seqlens=cu, ref_logps=ref, beta=BETA, backend=backend)
-            out.loss.backward()
-            return {"loss": out.loss.detach(), "grads": {"logits": z.grad}}
-        step.refresh, step.leaves = refresh, leaves
+            out = sk.preference_loss(produce(), labels, cu_seqlens=cu, ref_logps=ref, beta=BETA, backend=backend)
+            return finish(out.loss, step)
+        step.leaves, step.logits, step.inplace = [anchor], buf, False
         return step
 
     if method in METHODS:
