@@ -216,6 +216,8 @@ def plot(ts: List[dict], path: str, title: str) -> None:
             if vals and max(vals) > 0:
                 ax.set_xlim(0, max(vals) * 1.25)
         if t["memory_lower_bound_bytes"]:
+            bound = t["memory_lower_bound_bytes"] / MIB
+            axes[i][1].set_xlim(0, 1.25 * max([bound] + [r["peak_extra_bytes"] / MIB for r in ok]))
             axes[i][1].axvline(t["memory_lower_bound_bytes"] / MIB, color="k", ls="--", lw=1,
                                label="lower bound (dhidden + dW)")
             axes[i][1].legend(fontsize=7, loc="lower right")
