@@ -68,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 os.environ.pop("TRITON_INTERPRET", None)  # must be unset before triton is imported: real JITFunctions
@@ -104,8 +105,8 @@ SPILL_PROBE_MAXNREG = 32
 def _run_option_kwargs(fn: JITFunction, kwargs: dict) -> dict:
     """The option keywords ``JITFunction.run`` adds to a launch's kwargs before binding (its first lines).
 
-    triton 3.6: ``debug``, ``instrumentation_mode``; 3.7+ also ``fpsan_homomorphic_casts``. Checked against
-    the installed ``run`` by :func:`_check_run_preamble`, so a new one fails loudly here."""
+    triton 3.6: ``debug``, ``instrumentation_mode``; 3.9 also ``fpsan_homomorphic_casts``. Checked against
+    the installed ``run`` by :func:`_check_run_preamble`, so that one added by a later version fails loudly."""
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
@@ -116,7 +117,7 @@ def _run_option_kwargs(fn: JITFunction, kwargs: dict) -> dict:
 def _check_run_preamble() -> None:
     import inspect
     set_by_run = set(re.findall(r'kwargs\["(\w+)"\]\s*=', inspect.getsource(JITFunction.run)))
-    set_here = set(_run_option_kwargs(LL._forward_partials_kernel, {}))
+    set_here = set(_run_option_kwargs(types.SimpleNamespace(debug=None), {}))
     if set_by_run != set_here:
         raise RuntimeError(f"JITFunction.run of triton {triton.__version__} sets the launch options "
                            f"{sorted(set_by_run)}, this script {sorted(set_here)}: update _run_option_kwargs")
@@ -228,7 +229,8 @@ def _set_linear_overrides(over: dict) -> None:
 
 
 def record_test_shapes() -> None:
-    """Small shapes through every code path (the launches the GPU tests make, and more)."""
+    """Small shapes through every code path: dtypes, bias / softcap / temperature, every backward layout, the
+    gradient filter, strided logits, every loss type."""
     g = torch.Generator().manual_seed(0)
     S, T, H, V = 4, 48, 256, 3000
     labels = torch.randint(0, V, (S, T), generator=g)
@@ -276,7 +278,7 @@ def record_test_shapes() -> None:
             LS.loss_step(pol, counts, _meta(S), cfg, bco_delta=_meta() if lt == "bco_pair" else None)
 
 
-# The benchmark shapes (issue 9's G1 / G2): 8 pairs x 2048 tokens, half of each sequence completion.
+# The benchmark shapes G1 / G2: 8 pairs x 2048 tokens, half of each sequence completion.
 G_SEQS, G_SEQ_LEN, G_HIDDEN, G_VOCAB = 16, 2048, 4096, 128256
 
 
@@ -320,6 +322,8 @@ def record(shape_sets) -> None:
     _check_run_preamble()
     for m in (LL, LG, LS):
         _install(m)
+    if not callable(getattr(LL, "_num_sms", None)):
+        raise RuntimeError("linear_logprobs._num_sms is gone: pin the SM count wherever the launchers query it now")
     LL._num_sms = lambda device: SM_COUNT
     for name in shape_sets:
         _current_set[0] = name
@@ -599,7 +603,7 @@ def main(argv=None) -> int:
         shutil.rmtree(cache, ignore_errors=True)
     ok = [r for r in results if "error" not in r]
     spilling = [f"{r['kernel']} ({'/'.join(r['shape_sets'])}, {r['dtype']}, {_fmt_consts(r['constexprs'])}, "
-                f"{r['spill_stores']}/{r['spill_loads']} bytes)" for r in ok if r["spill_stores"] + r["spill_loads"]]
+                f"{r['spill_stores']}/{r['spill_loads']} bytes)" for r in ok if _spills(r)]
     report = {
         "triton": triton.__version__, "torch": torch.__version__.split("+")[0], "ptxas": _ptxas_version(),
         "target": "cuda sm_90 (sm_90a)", "sm_count": SM_COUNT, "shape_sets": sets, "kernels": sorted(KERNELS),
@@ -636,7 +640,7 @@ def main(argv=None) -> int:
               f"{probe['spill_stores']}/{probe['spill_loads']} bytes spilled (uncapped "
               f"{probe['registers_uncapped']} registers)")
     if status == 0:
-        print(f"all {len(ok)} variants compiled")
+        print(f"all {len(ok)} variants compiled ({time.time() - t_start:.0f}s in all)")
     return status
 
 

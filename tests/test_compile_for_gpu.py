@@ -93,7 +93,6 @@ def test_benchmark_shapes_are_compiled(sm90):
                                                      "_dw_gemm_kernel", "_dh_gemm_kernel")]
     assert gemms and all(r["wgmma"] and r["hgmma_sass"] for r in gemms), [
         _describe(r) for r in gemms if not (r["wgmma"] and r["hgmma_sass"])]
-    assert len(at["test"]) > len(at["G1"]) + len(at["G2"])
 
 
 def test_spill_report_sees_forced_spills(sm90):
