@@ -287,8 +287,10 @@ def kernel_config(dtype: torch.dtype, *, device=None, Nc: int = 0, H: int = 0) -
                                  num_warps=4, num_stages=1, group=4, segment_block=16)
     elif dtype == torch.float32:
         # ieee fp32 dots run on the FMA units: smaller tiles keep the operands in registers.
+        # The dhidden GEMM gets 8 warps: with 4, its gradient-filter variant spills on sm_90 (triton 3.9,
+        # benchmarks/results/sm90-kernels.md).
         cfg = LinearKernelConfig(block_n=64, block_v=64, block_h=32, gemm_m=64, gemm_n=64, gemm_k=32,
-                                 num_warps=4, num_stages=2)
+                                 num_warps=4, num_stages=2, dh_warps=8)
     else:
         cfg = LinearKernelConfig()
     mb = os.environ.get("SPO_KERNELS_LINEAR_SCRATCH_MB")
