@@ -33,6 +33,7 @@ def reference_token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int,
     Computes in float64 for float64 input, else fp32 (the whole log-softmax is materialized)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     z = transform_logits(logits.to(dtype), softcap, temperature)
+    labels = labels.long()  # any integer dtype (gather needs int64)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -41,8 +42,10 @@ def reference_token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int,
 
 def reference_sequence_logprobs(token_logps: Tensor, labels: Tensor, ignore_index: int,
                                 cu_seqlens: Optional[Tensor] = None):
-    """Per-sequence sums and counts from per-token log-probs, padded ``[S, T]`` or packed ``[N]``."""
-    mask = labels != ignore_index
+    """Per-sequence sums (float64, SPEC 7) and counts from per-token log-probs, padded ``[S, T]`` or
+    packed ``[N]``."""
+    token_logps = token_logps.to(torch.float64)
+    mask = labels.long() != ignore_index
     if cu_seqlens is None:
         return token_logps.sum(-1), mask.sum(-1)
     bounds = cu_seqlens.tolist()
