@@ -243,7 +243,9 @@ def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, ba
     counts = plan.counts
     if ref_logps is not None:
         ref_logps = ref_logps.detach()
-    if anchor is None and cfg.spo_anchor == "reference" and ref_logps is not None:
+    if cfg.spo_lambda == 0:
+        anchor = None  # SPO off: no penalty, no SPO metrics (SPEC 6)
+    elif anchor is None and cfg.spo_anchor == "reference" and ref_logps is not None:
         anchor = _anchor_from_reference(cfg, ref_logps, counts, P)
     if callable(bco_delta):
         # This batch's mean reward (bco_pair's rewards are on summed log-probs), handed to the caller's

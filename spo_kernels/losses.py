@@ -22,11 +22,13 @@ from .config import PreferenceLossConfig
 
 Tensor = torch.Tensor
 
+# Every metric name; the SPO ones are present only when ``spo_lambda > 0`` (SPEC 6).
 METRIC_NAMES = (
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "logps/chosen", "logps/rejected", "nll", "spo/penalty", "spo/active_fraction",
     "count/empty_completions",
 )
+SPO_METRIC_NAMES = ("spo/penalty", "spo/active_fraction")
 
 
 @dataclass
@@ -229,10 +231,13 @@ def preference_loss_step(
         policy_logps: ``[2P]`` summed completion log-probs ``L_s`` (chosen rows first).
         counts: ``[2P]`` completion lengths ``n_s`` (int or float).
         ref_logps: ``[2P]`` summed reference log-probs ``R_s``, or None.
-        anchor: ``[P]`` SPO anchor (per-token mean for ``spo_normalize="mean"``, summed for "sum"),
-            or None when SPO is off and no anchor is known (the SPO metrics are then NaN).
+        anchor: ``[P]`` SPO anchor (per-token mean for ``spo_normalize="mean"``, summed for "sum");
+            required when ``spo_lambda > 0``, ignored otherwise. The SPO metrics (``spo/penalty``,
+            ``spo/active_fraction``) exist only when ``spo_lambda > 0`` (SPEC 6).
         bco_delta: scalar reward shift for ``bco_pair`` (default: this batch's mean reward).
     """
+    if cfg.spo_lambda > 0 and anchor is None:
+        raise ValueError("spo_lambda > 0 needs the SPO anchor [P] (from the reference log-probs or given)")
     dtype = torch.promote_types(policy_logps.dtype, torch.float32)
     L = policy_logps.detach().to(dtype)
     S = L.shape[0]
@@ -262,19 +267,17 @@ def preference_loss_step(
         grad[:P] -= cfg.sft_weight / chosen_tokens
 
     # SPO stability term: lam * relu(a_i - Lbar_w + delta) (or the summed form).
-    if anchor is not None:
+    spo_metrics = {}
+    if cfg.spo_lambda > 0:
         per_token = cfg.spo_normalize == "mean"
         chosen = L[:P] / n[:P] if per_token else L[:P]
         arg = anchor.detach().to(dtype) - chosen + cfg.spo_margin
         active = arg > 0  # the kink at exactly 0 takes gradient 0
         penalty = torch.relu(arg)
-        if cfg.spo_lambda > 0:
-            loss = loss + cfg.spo_lambda * penalty.mean()
-            d = cfg.spo_lambda / P / (n[:P] if per_token else 1.0)
-            grad[:P] -= torch.where(active, d, torch.zeros_like(arg))
-        spo_penalty, spo_active = penalty.mean(), active.to(dtype).mean()
-    else:
-        spo_penalty = spo_active = torch.full((), float("nan"), dtype=dtype, device=L.device)
+        loss = loss + cfg.spo_lambda * penalty.mean()
+        d = cfg.spo_lambda / P / (n[:P] if per_token else 1.0)
+        grad[:P] -= torch.where(active, d, torch.zeros_like(arg))
+        spo_metrics = {"spo/penalty": penalty.mean(), "spo/active_fraction": active.to(dtype).mean()}
 
     chosen_rewards = cfg.beta * (terms.pw - terms.rw)
     rejected_rewards = cfg.beta * (terms.pl - terms.rl)
@@ -286,8 +289,7 @@ def preference_loss_step(
         "logps/chosen": terms.pw.mean(),
         "logps/rejected": terms.pl.mean(),
         "nll": nll,
-        "spo/penalty": spo_penalty,
-        "spo/active_fraction": spo_active,
+        **spo_metrics,
         "count/empty_completions": (n_raw == 0).sum().to(dtype),
     }
     return LossStep(loss=loss, grad=grad, metrics=metrics)

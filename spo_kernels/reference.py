@@ -133,19 +133,17 @@ def reference_metrics(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preference
         L_b, R_b = L, R
     chosen = cfg.beta * (L_b[:P] - R_b[:P])
     rejected = cfg.beta * (L_b[P:] - R_b[P:])
-    nan = torch.tensor(float("nan"), dtype=L.dtype)
-    if anchor is not None:
-        ch = L[:P] / nc[:P] if cfg.spo_normalize == "mean" else L[:P]
-        arg = anchor.to(L.dtype) - ch + cfg.spo_margin
-        pen, act = torch.relu(arg).mean(), (arg > 0).to(L.dtype).mean()
-    else:
-        pen = act = nan
-    return {
+    metrics = {
         "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
         "rewards/margins": (chosen - rejected).mean(),
         "rewards/accuracies": (chosen > rejected).to(L.dtype).mean(),
         "logps/chosen": L_b[:P].mean(), "logps/rejected": L_b[P:].mean(),
         "nll": -L[:P].sum() / n_raw[:P].sum().clamp(min=1),
-        "spo/penalty": pen, "spo/active_fraction": act,
         "count/empty_completions": (n_raw == 0).sum().to(L.dtype),
     }
+    if cfg.spo_lambda > 0:  # the SPO metrics exist only with SPO on (SPEC 6)
+        ch = L[:P] / nc[:P] if cfg.spo_normalize == "mean" else L[:P]
+        arg = anchor.to(L.dtype) - ch + cfg.spo_margin
+        metrics["spo/penalty"] = torch.relu(arg).mean()
+        metrics["spo/active_fraction"] = (arg > 0).to(L.dtype).mean()
+    return metrics

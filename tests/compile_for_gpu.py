@@ -128,7 +128,8 @@ def record(quick: bool) -> None:
         LS.loss_step(pol, counts, torch.randn(S), cfg, anchor=torch.randn(S // 2))
         if not quick and lt in ("sigmoid", "ipo", "bco_pair"):
             LS.loss_step(pol.double(), counts, None, PreferenceLossConfig(loss_type=lt, reference_free=True))
-            LS.loss_step(pol, counts, torch.randn(S), cfg, bco_delta=torch.zeros(()) if lt == "bco_pair" else None)
+            LS.loss_step(pol, counts, torch.randn(S), cfg.replace(spo_lambda=0.0),
+                         bco_delta=torch.zeros(()) if lt == "bco_pair" else None)
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..losses import METRIC_NAMES, LossStep
+from ..losses import METRIC_NAMES, SPO_METRIC_NAMES, LossStep
 
 Tensor = torch.Tensor
 
@@ -214,14 +214,14 @@ def _loss_step_kernel(
     policy_ptr,      # [2P] L_s, chosen first
     counts_ptr,      # [2P] n_s (any int or float dtype)
     ref_ptr,         # [2P] R_s (read only when HAS_REF)
-    anchor_ptr,      # [P] SPO anchor (read only when HAS_ANCHOR)
+    anchor_ptr,      # [P] SPO anchor (read only when USE_SPO)
     bco_delta_ptr,   # [1] bco_pair shift (read only when HAS_BCO_DELTA)
     grad_ptr,        # [2P] out: g_s = dloss/dL_s
     result_ptr,      # [len(_RESULT_SLOTS)] out: loss, then the metrics
     P,
     beta, eps, gamma, dpop_k, rdpo_a, tau, exo_log_1me, exo_log_e,
     sft_weight, spo_lambda, spo_margin,
-    LOSS: tl.constexpr, MEAN_BASIS: tl.constexpr, HAS_REF: tl.constexpr, HAS_ANCHOR: tl.constexpr,
+    LOSS: tl.constexpr, MEAN_BASIS: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_BCO_DELTA: tl.constexpr, USE_SFT: tl.constexpr, USE_SPO: tl.constexpr, SPO_MEAN: tl.constexpr,
     NEED_TOTALS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -293,7 +293,7 @@ def _loss_step_kernel(
         gl = dpl * scale_l * inv_P
         if USE_SFT:
             gw -= sft_weight / chosen_tokens  # d/dL_w of sft_weight * (-sum L_w / sum n_w)
-        if HAS_ANCHOR:
+        if USE_SPO:
             a = tl.load(anchor_ptr + i, mask=valid, other=0.0).to(ACC)
             if SPO_MEAN:
                 arg = a - Lw / nw + spo_margin
@@ -302,11 +302,10 @@ def _loss_step_kernel(
             active = arg > 0  # the kink at exactly 0 takes gradient 0
             pen_acc += tl.where(valid, tl.maximum(arg, 0.0), 0.0)
             active_acc += tl.where(valid & active, 1.0, 0.0)
-            if USE_SPO:
-                if SPO_MEAN:
-                    gw -= tl.where(active, spo_lambda * inv_P / nw, 0.0)
-                else:
-                    gw -= tl.where(active, spo_lambda * inv_P, 0.0)
+            if SPO_MEAN:
+                gw -= tl.where(active, spo_lambda * inv_P / nw, 0.0)
+            else:
+                gw -= tl.where(active, spo_lambda * inv_P, 0.0)
         tl.store(grad_ptr + i, gw, mask=valid)
         tl.store(grad_ptr + P + i, gl, mask=valid)
 
@@ -328,12 +327,11 @@ def _loss_step_kernel(
     loss = tl.sum(loss_acc, axis=0) * inv_P
     if USE_SFT:
         loss += sft_weight * nll
-    if HAS_ANCHOR:
+    if USE_SPO:
         penalty = tl.sum(pen_acc, axis=0) * inv_P
         active_fraction = tl.sum(active_acc, axis=0) * inv_P
-        if USE_SPO:
-            loss += spo_lambda * penalty
-    else:
+        loss += spo_lambda * penalty
+    else:  # slots written (NaN) but not returned: the SPO metrics exist only with SPO on
         penalty = float("nan")
         active_fraction = float("nan")
     tl.store(result_ptr + 0, loss)
@@ -362,7 +360,8 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
 
     Args and result: as :func:`spo_kernels.losses.preference_loss_step`: ``policy_logps [2P]`` summed
     completion log-probs (chosen first), ``counts [2P]`` completion lengths, ``ref_logps [2P]`` or None,
-    ``anchor [P]`` (per-token or summed per ``cfg.spo_normalize``) or None (SPO metrics NaN),
+    ``anchor [P]`` (per-token or summed per ``cfg.spo_normalize``; needed when ``spo_lambda > 0``, which is also
+    when the SPO metrics exist),
     ``bco_delta`` a scalar tensor or None (batch mean). Returns :class:`LossStep` with ``loss`` (0-d),
     ``grad [2P]`` and the metrics (0-d views of one result buffer), fp32 (float64 for float64 log-probs).
     """
@@ -382,8 +381,11 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
     has_ref = ref_logps is not None and not ref_free
     if has_ref and tuple(ref_logps.shape) != (S,):
         raise ValueError(f"ref_logps must be [{S}], got {tuple(ref_logps.shape)}")
-    has_anchor = anchor is not None
-    if has_anchor and tuple(anchor.shape) != (P,):
+    # SPO (penalty, gradient and its two metrics) only when spo_lambda > 0 (SPEC 6).
+    use_spo = cfg.spo_lambda > 0
+    if use_spo and anchor is None:
+        raise ValueError("spo_lambda > 0 needs the SPO anchor [P] (from the reference log-probs or given)")
+    if use_spo and tuple(anchor.shape) != (P,):
         raise ValueError(f"anchor must be [{P}], got {tuple(anchor.shape)}")
     has_bco_delta = cfg.loss_type == "bco_pair" and bco_delta is not None
     if has_bco_delta and bco_delta.numel() != 1:
@@ -393,7 +395,7 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
     policy = policy_logps.detach().contiguous()
     counts_c = counts.detach().contiguous()
     ref = ref_logps.detach().contiguous() if has_ref else policy
-    anchor_c = anchor.detach().contiguous() if has_anchor else policy
+    anchor_c = anchor.detach().contiguous() if use_spo else policy
     bco_c = bco_delta.detach().reshape(1) if has_bco_delta else policy
 
     use_sft = cfg.sft_weight > 0
@@ -405,10 +407,11 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
         float(cfg.beta), float(cfg.label_smoothing), float(cfg.simpo_gamma), float(cfg.dpop_lambda),
         float(cfg.rdpo_alpha), float(cfg.discopop_tau), math.log1p(-exo_e), math.log(exo_e),
         float(cfg.sft_weight), float(cfg.spo_lambda), float(cfg.spo_margin),
-        LOSS=cfg.loss_type, MEAN_BASIS=cfg.mean_basis, HAS_REF=has_ref, HAS_ANCHOR=has_anchor,
-        HAS_BCO_DELTA=has_bco_delta, USE_SFT=use_sft, USE_SPO=has_anchor and cfg.spo_lambda > 0,
+        LOSS=cfg.loss_type, MEAN_BASIS=cfg.mean_basis, HAS_REF=has_ref,
+        HAS_BCO_DELTA=has_bco_delta, USE_SFT=use_sft, USE_SPO=use_spo,
         SPO_MEAN=cfg.spo_normalize == "mean", NEED_TOTALS=use_sft or bco_batch_mean, ACC=acc_tl,
         BLOCK_P=_block_p(P), num_warps=4,
     )
-    metrics = {name: result[_RESULT_SLOTS.index(name)] for name in METRIC_NAMES}
+    metrics = {name: result[_RESULT_SLOTS.index(name)] for name in METRIC_NAMES
+               if use_spo or name not in SPO_METRIC_NAMES}
     return LossStep(loss=result[0], grad=grad, metrics=metrics)
