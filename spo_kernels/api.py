@@ -313,7 +313,8 @@ def preference_loss(
         spo_anchor: "reference", "one_step" or a ``[P]`` tensor (SPEC 4); default from the config.
         config / **options: :class:`PreferenceLossConfig` fields (``beta=0.1, loss_type="sigmoid", ...``).
         inplace_backward: write dlogits into the logits buffer during backward (default; no extra
-            ``[N, V]`` tensor, the logits are overwritten).
+            ``[N, V]`` tensor, the logits are overwritten), when that cannot change what anyone else reads;
+            else a new buffer (the rule is in :func:`sequence_logprobs`). Never a wrong gradient.
         bco_delta: reward shift for ``bco_pair``: a scalar tensor, or a callable taking this batch's mean
             reward and returning the shift (how the modules keep TRL's running mean); default: the
             batch mean.

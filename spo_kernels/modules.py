@@ -65,7 +65,8 @@ class FusedLinearPreferenceLoss(_PreferenceLossModule):
 class PreferenceLoss(_PreferenceLossModule):
     """Module form of :func:`spo_kernels.preference_loss` (logits already computed).
 
-    Note: with ``inplace_backward=True`` (default) the backward overwrites the logits buffer.
+    Note: with ``inplace_backward=True`` (default) the backward overwrites the logits buffer, when that is
+    safe (never a leaf; see :func:`spo_kernels.sequence_logprobs` for the rule).
     """
 
     def forward(self, logits, labels, **kwargs) -> PreferenceLossOutput:

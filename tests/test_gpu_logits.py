@@ -165,7 +165,8 @@ def test_g2_dpo_end_to_end_in_place():
     loss64 = ref.reference_pair_loss(L64, plan.counts, ref_logps.double(), PreferenceLossConfig(beta=0.1))
     loss64.backward()
 
-    x = logits.requires_grad_(True)
+    x = logits.requires_grad_(True) * 1  # a non-leaf: a leaf is never overwritten (SPEC 6)
+    x.retain_grad()
     out = sk.preference_loss(x, labels, cu_seqlens=cu, ref_logps=ref_logps, beta=0.1)
     assert torch.isfinite(out.loss)
     assert abs(float(out.loss) - float(loss64)) <= 1e-3 * abs(float(loss64))
