@@ -237,7 +237,7 @@ def test_backward_writes_every_element(monkeypatch, poison, dtype):
     w = seq_weights(4, 42)
     ref_logps, ref_grad = reference_logps_and_grad(logits, labels, cu, 8.0, 1.0, w)
     seq, lse = kmod.logits_forward(logits, plan, 8.0, 1.0)
-    assert seq.dtype == lse.dtype == torch.float32 and lse.shape == (plan.num_tokens,)
+    assert seq.dtype == torch.float64 and lse.dtype == torch.float32 and lse.shape == (plan.num_tokens,)
     assert_logps(seq, ref_logps)
     before = logits.clone()
     out = torch.full_like(logits, poison)
