@@ -136,6 +136,13 @@ def sequence_logprobs(
             stride-0 tensor), a window of a larger buffer, or a storage other live tensors share (another
             view, a tensor an autograd node saved). Pass the tensor that owns its storage (e.g. the
             model's logits output) to keep the saving.
+
+    fp16 logits (SPEC 7): the gradient ``g_s (onehot - softmax) dz/dx`` is formed in fp32 and rounded to
+    fp16 once, on every backend. Its entries are often below fp16's range (``g_s p_v`` ~ 1e-8 at V = 32k),
+    so train fp16 with a loss scale (``torch.amp.GradScaler``), as any fp16 model: the scale reaches the
+    kernels as the upstream gradient and multiplies in fp32 before that rounding, so scaled entries down
+    to fp16's normal range (2^-14) keep fp16's precision, with no intermediate that could underflow or
+    overflow. bf16 has fp32's range and needs no scale.
     Returns:
         :class:`SequenceLogprobs` with ``logps [S]`` fp32 and ``counts [S]`` int64.
     """

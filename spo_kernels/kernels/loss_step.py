@@ -16,7 +16,8 @@ further kernels). The work is ``O(P)`` scalars: one program is enough (P is at m
 
 Numerics: compute dtype fp32 (float64 when ``policy_logps`` is float64, as the torch loss step does);
 ``logsig(x) = min(x, 0) - log1p(exp(-|x|))`` and ``sig`` in the branch-free stable form; DiscoPOP's
-``exp(-x) sig(x / tau)`` as ``exp(-x + logsig(x / tau))``. Scalar options reach the kernel as fp32.
+``exp(-x) sig(x / tau)`` as ``exp(-x + logsig(x / tau))``; APO's ``1 - sig(u)`` as ``sig(-u)``; EXO's KL in
+its Bregman form near the optimum (no cancellation). Scalar options reach the kernel as fp32.
 """
 
 from __future__ import annotations
@@ -72,6 +73,36 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _expm1_minus_x(a):
+    """``expm1(a) - a`` for |a| <= 1/2 without cancellation: ``a^2 sum_(k>=2) a^(k-2) / k!`` to k = 17
+    (float64-accurate; :func:`spo_kernels.losses.expm1_minus_x`)."""
+    return a * a * (0.5 + a * (0.16666666666666666 + a * (0.041666666666666664 + a * (0.008333333333333333 + a * (0.001388888888888889 + a * (0.0001984126984126984 + a * (2.48015873015873e-05 + a * (2.7557319223985893e-06 + a * (2.755731922398589e-07 + a * (2.505210838544172e-08 + a * (2.08767569878681e-09 + a * (1.6059043836821613e-10 + a * (1.1470745597729725e-11 + a * (7.647163731819816e-13 + a * (4.779477332387385e-14 + a * (2.8114572543455206e-15))))))))))))))))
+
+
+@triton.jit
+def _log1p_minus_x(w):
+    """``log1p(w) - w`` for |w| <= 1/3 without cancellation: ``s = w / (2 + w)``,
+    ``-2 s^2 / (1 - s) + 2 (atanh(s) - s)`` (:func:`spo_kernels.losses.log1p_minus_x`)."""
+    s = w / (2.0 + w)
+    s2 = s * s
+    return -2.0 * s2 / (1.0 - s) + 2.0 * s2 * s * (0.3333333333333333 + s2 * (0.2 + s2 * (0.14285714285714285 + s2 * (0.1111111111111111 + s2 * (0.09090909090909091 + s2 * (0.07692307692307693 + s2 * (0.06666666666666667 + s2 * (0.058823529411764705 + s2 * (0.05263157894736842 + s2 * (0.047619047619047616 + s2 * (0.043478260869565216)))))))))))
+
+
+@triton.jit
+def _exo_kl(x, exo_log_1me, exo_log_e):
+    """EXO's ``KL(Bern(sig(x)) || Bern(1 - e))``, stable at its optimum (:func:`spo_kernels.losses.exo_kl`):
+    near ``x* = log(1-e) - log e`` the Bregman form of softplus, elsewhere the direct one."""
+    direct = _sigmoid(x) * (_logsigmoid(x) - exo_log_1me) + _sigmoid(-x) * (_logsigmoid(-x) - exo_log_e)
+    d = x - (exo_log_1me - exo_log_e)
+    r = _sigmoid(-tl.abs(x))
+    a = tl.where(x >= 0, d, -d)
+    a = tl.minimum(tl.maximum(a, -0.5), 0.5)
+    em = _expm1_minus_x(a)
+    near = _log1p_minus_x(r * (a + em)) + r * em
+    return tl.where(tl.abs(d) < 0.5, near, direct)
+
+
+@triton.jit
 def _load_pair(ptr, i, P, valid, ACC: tl.constexpr):
     """``(x[i], x[P + i])`` of a ``[2P]`` vector (chosen sequences first), 0 on invalid lanes, in ACC."""
     w = tl.load(ptr + i, mask=valid, other=0).to(ACC)
@@ -120,11 +151,10 @@ def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, 
         dpw = 2.0 * u
         dpl = -2.0 * u
     elif LOSS == "exo_pair":
-        # sig(x)(logsig(x) - log(1-e)) + sig(-x)(logsig(-x) - log e);  d/dx = sig(x) sig(-x) (x - log(1-e) + log e)
-        p = _sigmoid(x)
-        q = _sigmoid(-x)
-        loss = p * (_logsigmoid(x) - exo_log_1me) + q * (_logsigmoid(-x) - exo_log_e)
-        dx = p * q * (x - exo_log_1me + exo_log_e)
+        # sig(x)(logsig(x) - log(1-e)) + sig(-x)(logsig(-x) - log e), stable at its optimum (_exo_kl);
+        # d/dx = sig(x) sig(-x) (x - log(1-e) + log e)
+        loss = _exo_kl(x, exo_log_1me, exo_log_e)
+        dx = _sigmoid(x) * _sigmoid(-x) * (x - exo_log_1me + exo_log_e)
         dpw = beta * dx
         dpl = -beta * dx
     elif LOSS == "nca_pair":
@@ -149,17 +179,17 @@ def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, 
         dpw = 2.0 * a
         dpl = 2.0 * c
     elif LOSS == "apo_zero":
-        # 1 - sig(u_w) + sig(u_l);  sig' = sig(u) sig(-u)
+        # 1 - sig(u_w) + sig(u_l) as sig(-u_w) + sig(u_l) (no cancellation near the optimum);  sig' = sig(u) sig(-u)
         uw = beta * (pw - rw)
         ul = beta * (pl - rl)
-        loss = 1.0 - _sigmoid(uw) + _sigmoid(ul)
+        loss = _sigmoid(-uw) + _sigmoid(ul)
         dpw = -beta * _sigmoid(uw) * _sigmoid(-uw)
         dpl = beta * _sigmoid(ul) * _sigmoid(-ul)
     elif LOSS == "apo_down":
-        # sig(u_w) + 1 - sig(x)
+        # sig(u_w) + 1 - sig(x) as sig(u_w) + sig(-x) (no cancellation near the optimum)
         uw = beta * (pw - rw)
         dx = -beta * _sigmoid(x) * _sigmoid(-x)
-        loss = _sigmoid(uw) + 1.0 - _sigmoid(x)
+        loss = _sigmoid(uw) + _sigmoid(-x)
         dpw = beta * _sigmoid(uw) * _sigmoid(-uw) + dx
         dpl = -dx
     elif LOSS == "discopop":
