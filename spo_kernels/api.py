@@ -15,7 +15,7 @@ from . import reference as ref_impl
 from .autograd import ClosedFormLoss, LinearSequenceLogprobs, LogitsSequenceLogprobs
 from .backends import get_backend, resolve_backend_name
 from .config import PreferenceLossConfig, check_bool, config_type_error
-from .layout import TokenPlan, build_plan, check_float, check_labels, check_same_device
+from .layout import TokenPlan, build_plan, check_float, check_same_device
 from .output import PreferenceLossOutput, SequenceLogprobs
 
 Tensor = torch.Tensor
