@@ -21,8 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) -m training demo --out runs/demo
 
 bench: $(VENV)/.installed
-	$(PY) -m pip install -q --no-deps liger-kernel   # the Liger peer (its torch/triton needs are met)
-	$(PY) -m benchmarks --preset cpu-issue2 --methods eager,liger,spo_torch,spo_cpu
+	$(PY) -m benchmarks --preset cpu-linear-v32k --methods eager,liger,trl,flce,flce_chunked,spo_torch,spo_cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,5 @@
 """pytest-benchmark suite: ``pytest benchmarks/test_suite.py`` (shape preset via ``$SPO_BENCH_PRESET``,
-default ``cpu-small`` on CPU and ``G1``+``G2`` on CUDA).
+default ``cpu-small`` on CPU and ``G1`` on CUDA; any preset name or alias, comma-separated).
 
 Times one full step (policy fwd+bwd + reference fwd for ``linear``; fwd+bwd for ``logits``) per
 method in this process, so no memory figures here: ``python -m benchmarks`` measures memory with one
@@ -12,14 +12,16 @@ import pytest
 import torch
 
 from benchmarks.methods import Unavailable, build
-from benchmarks.workloads import PRESETS
+from benchmarks.worker import _restore
+from benchmarks.workloads import preset
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PRESET = os.environ.get("SPO_BENCH_PRESET", "cpu-small" if DEVICE == "cpu" else "G1")
-SHAPES = [s for name in PRESET.split(",") for s in PRESETS[name]]
-METHODS = {"linear": ["eager", "liger", "spo_torch", "spo"], "logits": ["eager", "spo_torch", "spo"]}
+SHAPES = [s for name in PRESET.split(",") for s in preset(name)]
+METHODS = {"linear": ["eager", "liger", "trl", "flce", "flce_chunked", "spo_torch", "spo"],
+           "logits": ["eager", "spo_torch", "spo"]}
 if DEVICE == "cuda":
-    METHODS = {"linear": ["eager", "compile", "liger", "cce_exact", "cce", "spo_triton"],
+    METHODS = {"linear": ["eager", "compile", "liger", "cce_exact", "cce", "trl", "flce", "flce_chunked", "spo_triton"],
                "logits": ["eager", "compile", "spo_triton"]}
 
 
@@ -34,12 +36,9 @@ def test_step(benchmark, shape, method):
         step = build(method, shape.workload, inp, DEVICE)
     except Unavailable as e:
         pytest.skip(str(e))
-    refresh = getattr(step, "refresh", lambda: None)
 
     def setup():
-        for t in step.leaves:
-            t.grad = None
-        refresh()
+        _restore(step, shape, DEVICE)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 

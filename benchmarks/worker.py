@@ -1,15 +1,20 @@
-"""One method in one process: correctness against the float64 reference, peak extra memory, time.
+"""One method in one process, over one or more shapes; each result is appended to a JSON-lines file the
+moment it is measured (a killed run keeps every finished line).
 
-``python -m benchmarks.worker --method M --shape JSON --device D --ref REF.pt --out OUT.json``;
-``--method float64`` writes the reference instead (the chunked ``torch`` backend on float64 copies of
-the same inputs: it never materializes ``[N, V]`` even in float64; the tests verify it against the
-naive float64 autograd reference).
+    python -m benchmarks.worker --method M --shapes JSON --device D --ref-dir DIR --jsonl FILE [--repeats R]
+    python -m benchmarks.worker --method reference --shapes JSON --device D --ref-dir DIR --jsonl FILE
+    python -m benchmarks.worker --method rates --device cuda --jsonl FILE
 
-Memory: on CUDA, ``max_memory_allocated`` over one step minus what was allocated before it; on the
-CPU, the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over one step
-minus the resident set before it (the CLI pins glibc's mmap threshold so freed blocks leave the
-resident set). Both count everything the step allocates, gradients included.
-Time: median of ``--repeats`` steps after a warm-up step (CUDA: synchronized around each step).
+Per shape, in this order:
+1. correctness: one step on fresh inputs (also the warm-up: compilation and autotuning happen here),
+   compared with the float64 reference of the same inputs (:mod:`benchmarks.reference`, cached in
+   ``--ref-dir`` by the ``reference`` method); outside SPEC 7's tolerances the line says ``WRONG``;
+2. peak extra memory of one step: on CUDA ``max_memory_allocated`` minus what was allocated before it;
+   on the CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the
+   resident set before it (the runner pins glibc's mmap threshold so freed blocks leave the resident
+   set). Both count everything the step allocates, gradients included;
+3. time: the median of ``--repeats`` steps (CUDA: synchronized around each step; inputs restored
+   outside the timed region).
 """
 
 from __future__ import annotations
@@ -17,34 +22,42 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import statistics
 import time
+import traceback
 
 import torch
 
+from . import reference as reference_mod
 from .methods import Unavailable, build
-from .workloads import Shape, make_inputs
+from .workloads import Shape, make_inputs, refill_logits
 
-SAMPLE_ROWS = 1024
-
-
-def _sample_rows(n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1234)
-    return torch.randperm(n, generator=g)[: min(n, SAMPLE_ROWS)]
+TOLERANCES = {  # SPEC 7: (loss rel, gradient rel-norm)
+    "fp32": (1e-5, 1e-4), "fp64": (1e-5, 1e-4), "bf16": (1e-3, 2e-2), "fp16": (1e-3, 2e-2),
+}
 
 
-def _compared(grads: dict) -> dict:
-    """The gradient views compared with the reference: dhidden whole, sampled rows of dW / dlogits."""
-    out = {}
-    for k, g in grads.items():
-        if g is None:
-            continue
-        g = g.detach()
-        if k in ("weight", "logits"):
-            g = g[_sample_rows(g.shape[0]).to(g.device)]
-        out[k] = g.float().cpu()
-    return out
+def append_line(path: str, record: dict) -> None:
+    """Append one JSON line with a single write, flushed to disk (survives a kill of this process)."""
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def method_label(method: str, device: str) -> str:
+    """What ran: ``spo`` names the backend it resolved to."""
+    if method == "spo":
+        from spo_kernels.backends import resolve_backend_name
+        return f"spo ({resolve_backend_name(None, torch.device(device))})"
+    if method.startswith("spo_"):
+        return f"spo ({method[4:]})"
+    return method
 
 
 def _proc_kb(key: str) -> int:
@@ -54,7 +67,7 @@ def _proc_kb(key: str) -> int:
 
 class Meter:
     def __init__(self, device: str):
-        self.cuda = device == "cuda"
+        self.cuda = torch.device(device).type == "cuda"
 
     def sync(self):
         if self.cuda:
@@ -78,16 +91,9 @@ class Meter:
         return _proc_kb("VmHWM") * 1024 - self.base
 
 
-def _reset(grads_holder):
-    for g in grads_holder:
-        g.grad = None
-
-
 def measure_rates(device: str) -> dict:
-    """The two floors' rates, measured in this run (CUDA): a large bf16 matmul (FLOP/s) and a device
-    copy (bytes/s, read + write counted)."""
-    if device != "cuda":
-        return {}
+    """The two ceilings measured in this run (CUDA): a large bf16 matmul (FLOP/s) and a device copy
+    (bytes/s, read + write counted), random data, medians of ``triton.testing.do_bench``."""
     import triton.testing
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -99,52 +105,49 @@ def measure_rates(device: str) -> dict:
     return {"matmul_flops": 2 * n ** 3 / t_mm, "copy_bytes_per_s": 2 * x.numel() * x.element_size() / t_cp}
 
 
-def run_reference(shape: Shape, device: str, path: str) -> None:
-    import spo_kernels as sk
-    inp = make_inputs(shape, device, dtype=torch.float64)
-    if shape.workload == "linear":
-        h = inp["hidden"].requires_grad_(True)
-        W = inp["weight"].requires_grad_(True)
-        out = sk.fused_linear_preference_loss(h, W, inp["labels"], ref_hidden=inp["ref_hidden"],
-                                              ref_weight=inp["ref_weight"], beta=0.1, backend="torch")
-        out.loss.backward()
-        grads = {"hidden": h.grad, "weight": W.grad}
-    else:
-        z = inp["logits"].requires_grad_(True)
-        out = sk.preference_loss(z, inp["labels"], cu_seqlens=inp["cu_seqlens"], ref_logps=inp["ref_logps"].double(),
-                                 beta=0.1, backend="torch", inplace_backward=False)
-        out.loss.backward()
-        grads = {"logits": z.grad}
-    torch.save({"loss": float(out.loss), "grads": _compared(grads)}, path)
+def ref_path(ref_dir: str, shape: Shape) -> str:
+    return os.path.join(ref_dir, f"{shape.key}.pt")
 
 
-def run_method(method: str, shape: Shape, device: str, ref_path: str, repeats: int) -> dict:
+def run_reference(shape: Shape, device: str, ref_dir: str) -> dict:
+    ref = reference_mod.compute(shape, device)
+    torch.save(ref, ref_path(ref_dir, shape))
+    return {"loss": ref["loss"], "top_prob_share": ref["top_prob_share"], "seconds": ref["seconds"]}
+
+
+def _restore(step, shape, device):
+    """Reset the leaves' gradients; draw the logits again where an in-place backward overwrote them."""
+    for t in step.leaves:
+        t.grad = None
+    if getattr(step, "refresh", None) is not None:
+        step.refresh()
+    elif getattr(step, "inplace", False):
+        refill_logits(shape, device, step.logits)
+
+
+def run_method(method: str, shape: Shape, device: str, ref_dir: str, repeats: int) -> dict:
     inp = make_inputs(shape, device)
     try:
         step = build(method, shape.workload, inp, device)
     except Unavailable as e:
-        return {"method": method, "status": "unavailable", "reason": str(e)}
-    refresh = getattr(step, "refresh", lambda: None)
-    leaves = step.leaves
+        return {"status": "unavailable", "reason": str(e)}
     meter = Meter(device)
+    loss_tol, grad_tol = TOLERANCES[shape.dtype]
 
-    # 1) correctness (this is also the warm-up step: compilation and autotuning happen here).
+    # 1) correctness against the float64 reference (and the warm-up step).
     res = step()
-    ref = torch.load(ref_path)
-    errors = {"loss": abs(float(res["loss"]) - ref["loss"]) / max(abs(ref["loss"]), 1e-30)}
-    for k, g in _compared(res["grads"]).items():
-        r = ref["grads"][k]
-        errors[k] = float((g.double() - r.double()).norm() / r.double().norm()) if torch.isfinite(g).all() else float("inf")
+    ref = torch.load(ref_path(ref_dir, shape))
+    errors = reference_mod.compare(float(res["loss"]), res["grads"], ref)
     del res
-    _reset(leaves)
-    refresh()
+    _restore(step, shape, device)
+    max_grad = max((v for k, v in errors.items() if k != "loss"), default=0.0)
+    status = "ok" if errors["loss"] <= loss_tol and max_grad <= grad_tol else "WRONG"
 
     # 2) peak extra memory of one step.
     meter.start()
     step()
     peak = meter.peak_extra()
-    _reset(leaves)
-    refresh()
+    _restore(step, shape, device)
 
     # 3) time: median over repeats.
     times = []
@@ -154,33 +157,47 @@ def run_method(method: str, shape: Shape, device: str, ref_path: str, repeats: i
         step()
         meter.sync()
         times.append(time.perf_counter() - t0)
-        _reset(leaves)
-        refresh()
-    return {"method": method, "status": "ok", "errors": errors, "peak_extra_bytes": peak,
-            "time_s_median": statistics.median(times), "time_s_all": times}
+        _restore(step, shape, device)
+    return {"status": status, "errors": errors, "max_grad_err": max_grad, "peak_extra_bytes": peak,
+            "time_s_median": statistics.median(times), "time_s_all": times,
+            "tolerances": {"loss": loss_tol, "grad": grad_tol}}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", required=True)
-    ap.add_argument("--shape", required=True, help="JSON of a workloads.Shape")
+    ap.add_argument("--shapes", default="[]", help="JSON list of workloads.Shape dicts")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--ref", required=True)
-    ap.add_argument("--out")
+    ap.add_argument("--ref-dir")
+    ap.add_argument("--jsonl", required=True)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tag", default="", help="a free-form tag copied into every line (e.g. the step)")
     args = ap.parse_args(argv)
-    shape = Shape(**{k: v for k, v in json.loads(args.shape).items() if k in Shape.__dataclass_fields__})
+    shapes = [Shape.from_dict(d) for d in json.loads(args.shapes)]
     torch.manual_seed(0)
-    if args.method == "float64":
-        run_reference(shape, args.device, args.ref)
-        return 0
+    base = {"tag": args.tag, "device": args.device}
+
     if args.method == "rates":
-        with open(args.out, "w") as f:
-            json.dump(measure_rates(args.device), f)
+        append_line(args.jsonl, dict(base, kind="rates", **measure_rates(args.device)))
         return 0
-    result = run_method(args.method, shape, args.device, args.ref, args.repeats)
-    with open(args.out, "w") as f:
-        json.dump(result, f)
+    for shape in shapes:
+        t0 = time.perf_counter()
+        if args.method == "reference":
+            rec = dict(base, kind="reference", shape=shape.to_dict(), **run_reference(shape, args.device, args.ref_dir))
+        else:
+            rec = dict(base, kind="result", method=args.method, shape=shape.to_dict())
+            try:
+                rec["label"] = method_label(args.method, args.device)
+                rec.update(run_method(args.method, shape, args.device, args.ref_dir, args.repeats))
+            except Exception as e:  # noqa: BLE001 - one shape's failure (e.g. out of memory) is a result too
+                rec.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                           traceback=traceback.format_exc()[-3000:])
+            rec.setdefault("label", args.method)
+        rec["seconds"] = time.perf_counter() - t0
+        append_line(args.jsonl, rec)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return 0
 
 

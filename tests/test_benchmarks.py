@@ -4,28 +4,48 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_cli_writes_table_json_and_png(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--preset", "tiny", "--methods", "eager,spo_torch,nonexistent",
+        [sys.executable, "-m", "benchmarks", "--preset", "tiny", "--methods", "eager,spo_torch,cce_exact,nonexistent",
          "--repeats", "2", "--out-dir", str(tmp_path), "--name", "smoke"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "spo_torch" in proc.stdout and "x eager" in proc.stdout
+    assert "spo (torch)" in proc.stdout and "x eager" in proc.stdout and "peak extra MiB" in proc.stdout
+    # every method asked for has a row, with the reason when it could not run
+    assert "unavailable: cut-cross-entropy's kernels need CUDA" in proc.stdout
+    assert "unavailable: unknown method 'nonexistent'" in proc.stdout
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert (tmp_path / "smoke.png").stat().st_size > 1000
+    assert (tmp_path / "smoke.md").read_text().count("| spo (torch) |") == 2
     assert report["device"] and report["versions"]["torch"]
-    for rec in report["records"]:
-        by = {r["method"]: r for r in rec["results"]}
+    assert len(report["tables"]) == 2
+    for table in report["tables"]:
+        by = {r["method"]: r for r in table["results"]}
         assert by["nonexistent"]["status"] == "unavailable"
         for m in ("eager", "spo_torch"):
             r = by[m]
             assert r["status"] == "ok", r
             assert r["time_s_median"] > 0 and len(r["time_s_all"]) == 2
             assert r["errors"]["loss"] < 1e-5 and r["max_grad_err"] < 1e-4
+
+
+def test_cli_default_output_is_outside_the_package_and_never_overwrites(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks", "--workload", "logits", "--P", "1", "--T", "8", "--V", "33",
+           "--methods", "spo_torch", "--repeats", "1"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    names = set()
+    for _ in range(2):
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        names |= {p for p in os.listdir(tmp_path / "runs" / "bench") if p.endswith(".jsonl")}
+        time.sleep(1.1)
+    assert len(names) == 2, names  # two runs, two files
+    assert not os.path.exists(os.path.join(ROOT, "benchmarks", "results", next(iter(names))))
 
 
 def test_pytest_benchmark_suite_runs(tmp_path):

@@ -301,3 +301,25 @@ def test_loss_step_compiled(loss_type, P):
         assert a == a, name
         s = 0.0 if name in ("rewards/accuracies", "count/empty_completions") else scale
         assert abs(a - b) <= 1e-5 * max(abs(b), s) + 1e-7, (name, a, b)
+
+
+def _dry_run():
+    """Run this file's checks on CPU in the interpreter at small shapes (not collected by pytest):
+    ``TRITON_INTERPRET=1 python -c "import sys; sys.path[:0] = ['tests']; import test_gpu_logits as t; t._dry_run()"``."""
+    global DEV
+    DEV = "cpu"
+    test_small_shapes_every_dtype_and_transform(torch.bfloat16, (5.0, 0.7))
+    test_small_shapes_every_dtype_and_transform(torch.float32, (None, 1.0))
+    test_column_strided_logits()
+    test_loss_step_compiled("sigmoid", 3)
+    V = 1031
+    logits, labels, cu = packed_batch(4, 64, V, torch.bfloat16, seed=0)
+    plan = build_plan(labels, V, IGNORE, labels.shape, logits.device, cu)
+    seq, lse = logits_forward(logits, plan, None, 1.0)
+    seq64, lse64 = chunked_reference_forward(logits, plan, rows_per_chunk=50)
+    assert_rel(seq, seq64, 1e-5, "seq_logps")
+    grad_seq = torch.randn(4) / 4
+    out = torch.full_like(logits, float("nan"))
+    logits_backward(logits, plan, None, 1.0, lse, grad_seq, out)
+    assert check_gradient_chunked(out, logits, plan, grad_seq, rows_per_chunk=50) <= 2e-2
+    print("dry run ok")

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 import spo_kernels as sk
 from spo_kernels.kernels import linear_logprobs as LL
@@ -605,3 +606,130 @@ def test_g1_memory_plan():
     # The old layout (fresh scratch + fresh accumulator) was ~1.4x: the reason the default changed.
     old = LL.plan_backward(N, Nc, V, H, bf, bf, None, True, True, False, LL.LinearKernelConfig(reuse_outputs=False))
     assert old.total_extra_bytes >= 0.35 * lower_bound
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 9: phase-2 tail blocks sized for >= 2 waves; the dW GEMM's token_idx prefetch
+# ---------------------------------------------------------------------------------------------
+
+def _tail_programs(bp, H, cfg):
+    dw = cfg.params("linear_dw")
+    return [triton.cdiv(n, dw["block_m"]) * triton.cdiv(H, dw["block_n"]) for _, n in bp.tail_blocks]
+
+
+def test_g1_tail_blocks_fill_two_waves():
+    """G1 on an H100's 132 SMs: every phase-2 dW GEMM grid has >= 2 waves of programs, the blocks tile
+    [tail_start, V) with widths within one block_v of each other, and the memory goal still holds. With
+    one SM (the interpreter) the blocks are the scratch budget's, as before the change."""
+    N, Nc, V, H = 16 * 2048, 16 * 1024, 128256, 4096
+    cfg = LL.LinearKernelConfig()
+    bp = LL.plan_backward(N, Nc, V, H, torch.bfloat16, torch.bfloat16, None, True, True, False, cfg, num_sms=132)
+    widths = [n for _, n in bp.tail_blocks]
+    assert bp.tail_blocks[0][0] == bp.tail_start and sum(widths) == V - bp.tail_start
+    assert all(a + n == b for (a, n), (b, _) in zip(bp.tail_blocks, bp.tail_blocks[1:]))
+    assert max(widths) - min(widths) <= cfg.block_v
+    assert min(_tail_programs(bp, H, cfg)) >= 2 * 132
+    lower_bound = N * H * 2 + V * H * 2
+    assert bp.total_extra_bytes <= 0.05 * lower_bound, bp.extra_bytes
+    one = LL.plan_backward(N, Nc, V, H, torch.bfloat16, torch.bfloat16, None, True, True, False, cfg, num_sms=1)
+    budget = (N * H * 2 + V * H * 2) // 32 // (Nc * 2) // 128 * 128  # the 1/32 budget's width: 1152
+    assert max(n for _, n in one.tail_blocks) <= budget and min(_tail_programs(one, H, cfg)) < 2 * 132
+
+
+def test_tail_blocks_waves_within_the_cap():
+    """Random shapes and SM counts: the tail is tiled exactly, no block is wider than 1/16 of the gradients'
+    bytes allows, blocks differ by at most one block_v, and a grid below 2 waves happens only where that
+    cap (or a tail narrower than 2 waves) forces it. H = 2048 at G1's Nc: from half a wave to about one."""
+    import random
+    rnd = random.Random(0)
+    cfg = LL.LinearKernelConfig()
+    bf = torch.bfloat16
+    for _ in range(400):
+        H = rnd.choice([512, 1024, 2048, 3072, 4096, 8192])
+        V, Nc = rnd.randint(20000, 260000), rnd.randint(64, 40000)
+        N, sms = Nc + rnd.randint(0, 3 * Nc), rnd.choice([1, 78, 108, 132, 144])
+        bp = LL.plan_backward(N, Nc, V, H, bf, bf, None, True, True, False, cfg, num_sms=sms)
+        if not bp.tail_blocks:
+            continue
+        tail = V - bp.tail_start
+        widths = [n for _, n in bp.tail_blocks]
+        assert bp.tail_blocks[0][0] == bp.tail_start and sum(widths) == tail
+        assert all(a + n == b for (a, n), (b, _) in zip(bp.tail_blocks, bp.tail_blocks[1:]))
+        assert len(widths) == 1 or max(widths) - min(widths) <= cfg.block_v
+        grads = N * H * 2 + V * H * 2
+        w_cap = max(cfg.block_v, min(cfg.scratch_bytes, grads // 16) // (Nc * 2) // cfg.block_v * cfg.block_v)
+        assert max(widths) <= w_cap and bp.extra_bytes["tail_dz_scratch"] <= max(grads // 16, Nc * 2 * cfg.block_v)
+        if min(_tail_programs(bp, H, cfg)) < 2 * sms:
+            waves_width = triton.cdiv(2 * sms, triton.cdiv(H, 128)) * 128
+            assert len(widths) == max(1, triton.cdiv(tail, w_cap)) or tail < 2 * waves_width, (H, V, Nc, N, sms)
+    N, Nc, V, H = 32768, 16384, 128256, 2048
+    old = LL.plan_backward(N, Nc, V, H, bf, bf, None, True, True, False, cfg, num_sms=1)
+    new = LL.plan_backward(N, Nc, V, H, bf, bf, None, True, True, False, cfg, num_sms=132)
+    assert max(_tail_programs(old, H, cfg)) <= 0.5 * 132 and min(_tail_programs(new, H, cfg)) >= 0.95 * 132
+    assert new.total_extra_bytes <= (N * H * 2 + V * H * 2) // 16
+
+
+@pytest.mark.parametrize("sms", [2, 3])
+def test_wave_sized_tail_blocks_against_reference(monkeypatch, sms):
+    """A device with 2 or 3 'SMs' (the interpreter has 1): the phase-2 blocks widen to 2 waves of the dW
+    GEMM (fewer, wider, uneven blocks at V = 1531); the backward walks exactly those blocks and its
+    gradients match the float64 reference."""
+    dtype = torch.bfloat16
+    case = make_case(seed=61, P=2, T=24, V=1531)
+    plan = build_plan(case["labels"], 1531, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
+    N = case["labels"].numel()
+    cfg = LL.kernel_config(dtype)
+    one = LL.plan_backward(N, plan.num_tokens, 1531, 80, dtype, dtype, dtype, True, True, True, cfg, num_sms=1)
+    bp = LL.plan_backward(N, plan.num_tokens, 1531, 80, dtype, dtype, dtype, True, True, True, cfg, num_sms=sms)
+    assert bp.dh_acc == "weight_tail" and 1 < len(bp.tail_blocks) < len(one.tail_blocks)
+    monkeypatch.setattr(LL, "_num_sms", lambda device: sms)
+    seen = []
+    real = LL.BlockLaunches.dw_gemm
+
+    def spy(self, dz_buf, stride, acc, out, tok_start, n_tok, v_start, n_v, *rest):
+        if v_start >= bp.tail_start:
+            seen.append((v_start, n_v))
+        return real(self, dz_buf, stride, acc, out, tok_start, n_tok, v_start, n_v, *rest)
+
+    monkeypatch.setattr(LL.BlockLaunches, "dw_gemm", spy)
+    grad_seq = torch.randn(4, generator=torch.Generator().manual_seed(6)) * 2.0
+    check_logprobs_grads(case, dtype, grad_seq, softcap=6.0, temperature=0.9)
+    assert seen == bp.tail_blocks
+
+
+class _Plan:
+    """The three index vectors BlockLaunches reads, without a TokenPlan's invariants."""
+
+    def __init__(self, token_idx, targets, seq_id):
+        self.token_idx, self.targets, self.seq_id = token_idx, targets, seq_id
+
+
+@pytest.mark.parametrize("n_tok,block_k", [(37, 16), (32, 16), (5, 32)])
+def test_gemms_gather_rows_of_a_token_chunk(monkeypatch, n_tok, block_k):
+    """The dW GEMM loads each step's token indices one step ahead: a chunk starting mid-plan, whose length
+    is (or is not) a multiple of the step, with indices past the chunk pointing far outside hidden (the
+    prefetch of the step after the last must stay masked). dW and dhidden of that chunk against float64."""
+    _override(monkeypatch, block_n=32, block_v=32, gemm_m=16, gemm_k=block_k)
+    g = torch.Generator().manual_seed(n_tok)
+    N, H, V, tok_start, n_v = 90, 80, 48, 7, 48
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    total = tok_start + n_tok + 40
+    token_idx = torch.randperm(N, generator=g)[:total].clone()
+    token_idx[tok_start + n_tok:] = 10**9  # never read
+    token_idx[:tok_start] = -10**9
+    dz = torch.randn(n_tok, 64, generator=g)
+    cfg = LL.kernel_config(torch.float32)
+    zeros = torch.zeros(total, dtype=torch.int64)
+    run = LL.BlockLaunches(cfg, hidden, weight, None, _Plan(token_idx, zeros, zeros), None, 1.0,
+                           torch.zeros(total), torch.zeros(1), 0.0, dz, dz)
+    dw = torch.full((n_v, H), float("nan"))
+    run.dw_gemm(dz, 64, dw, dw, tok_start, n_tok, 0, n_v, False, True)
+    rows = hidden[token_idx[tok_start: tok_start + n_tok]].double()
+    want = dz[:, :n_v].double().t() @ rows
+    assert rel_err(dw, want) <= 1e-6
+    acc = torch.full((total, H), float("nan"))
+    dh = torch.zeros(N, H)
+    run.dh_gemm(dz, 64, acc, dh, tok_start, n_tok, 0, n_v, False, False, False)
+    want_dh = dz[:, :n_v].double() @ weight.double()
+    assert rel_err(acc[tok_start: tok_start + n_tok], want_dh) <= 1e-6

@@ -328,3 +328,67 @@ def test_preference_loss_every_loss_type(loss_type):
     assert float(got.metrics["count/empty_completions"]) >= 1
     got.loss.backward()
     assert rel_norm(x.grad, x64.grad) <= grad_rtol
+
+
+# ---------------------------------------------------------------------------------------------------
+# the prefetching forward and the launch parameters (issue 9)
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("V", [20, 32, 64, 65, 95, 129], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_forward_prefetch_and_plain_loop(monkeypatch, V, dtype):
+    """Tiles of 32 lanes: V below one tile (only the masked tile), exactly one or two full tiles (no masked
+    tile: the prefetch's last fold is the last tile), a full tile plus 1 lane, and longer streams. Both
+    loops against the float64 reference, softcap and temperature on, and bitwise equal to each other
+    (same arithmetic in the same order)."""
+    monkeypatch.setattr(kmod, "MAX_BLOCK_V", 32)
+    logits, labels, cu = make_batch(V=V, dtype=dtype, layout="packed", seed=60 + V)
+    plan = build_plan(labels, V, IGNORE, labels.shape, logits.device, cu)
+    w = seq_weights(6, 60 + V)
+    ref_logps, _ = reference_logps_and_grad(logits, labels, cu, 5.0, 0.8, w)
+    ref_lse = None
+    results = {}
+    for prefetch in (1, 0):
+        monkeypatch.setattr(kmod, "CONFIG_OVERRIDES", {"logits_fwd": {"prefetch": prefetch}})
+        assert kmod.launch_params("logits_fwd", dtype, V, logits.device)["prefetch"] == prefetch
+        seq, lse = kmod.logits_forward(logits, plan, 5.0, 0.8)
+        assert_logps(seq, ref_logps)
+        if ref_lse is None:
+            z = 5.0 * torch.tanh(logits.double()[plan.token_idx] / 5.0) / 0.8
+            ref_lse = torch.logsumexp(z, dim=1)
+        assert rel_norm(lse, ref_lse) <= 1e-6
+        results[prefetch] = (seq, lse)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_prefetch_is_the_default_except_float64():
+    for dt in (F32, BF16, F16):
+        assert kmod.launch_params("logits_fwd", dt, 128256, torch.device("cpu")) == \
+            {"block_v": 4096, "num_warps": 8, "prefetch": 1}
+    assert kmod.launch_params("logits_fwd", torch.float64, 97, torch.device("cpu"))["prefetch"] == 0
+    assert kmod.launch_params("logits_bwd", BF16, 97, torch.device("cpu")) == {"block_v": 128, "num_warps": 4}
+
+
+def test_launch_overrides_are_validated(monkeypatch):
+    monkeypatch.setattr(kmod, "CONFIG_OVERRIDES", {"logits_bwd": {"block_v": 48}})
+    with pytest.raises(ValueError, match="block_v"):
+        kmod.launch_params("logits_bwd", BF16, 97, torch.device("cpu"))
+    monkeypatch.setattr(kmod, "CONFIG_OVERRIDES", {"logits_fwd": {"prefetch": 1, "stages": 2}})
+    with pytest.raises(ValueError, match="unknown \\['stages'\\]"):
+        kmod.launch_params("logits_fwd", BF16, 97, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("bwd", [{"block_v": 16, "num_warps": 2}, {"block_v": 256, "num_warps": 8}])
+def test_backward_launch_overrides(monkeypatch, bwd):
+    """Other backward tiles through CONFIG_OVERRIDES (what a table entry sets): same gradient, every element
+    written (a NaN out), the tile clipped to next_pow2(V) when larger."""
+    logits, labels, cu = make_batch(S=4, T=7, V=97, layout="packed", seed=70)
+    plan = build_plan(labels, 97, IGNORE, labels.shape, logits.device, cu)
+    w = seq_weights(4, 70)
+    _, ref_grad = reference_logps_and_grad(logits, labels, cu, None, 1.0, w)
+    monkeypatch.setattr(kmod, "CONFIG_OVERRIDES", {"logits_bwd": bwd})
+    assert kmod.launch_params("logits_bwd", F32, 97, logits.device)["block_v"] == min(bwd["block_v"], 128)
+    _, lse = kmod.logits_forward(logits, plan, None, 1.0)
+    out = torch.full_like(logits, float("nan"))
+    kmod.logits_backward(logits, plan, None, 1.0, lse, w.float(), out)
+    assert rel_norm(out, ref_grad) <= 1e-4

@@ -63,12 +63,13 @@ fp32 ``[Nc, H]`` dhidden accumulator and a dz scratch; neither gets memory of it
   rounded to ``block_v``): phase 1 walks every range, but writes dW only for rows below ``tail_start``;
   once the last range has added its partial, dhidden is zeroed and the accumulator scattered into its
   plan rows (``_scatter_rows_kernel``); phase 2 then recomputes dz for the tail columns (into a fresh
-  scratch of at most 1/32 of the gradients' bytes) and writes those dW rows, exactly, in one GEMM each.
+  scratch of 1/32 of the gradients' bytes, widened up to 1/16 where 2 waves of the dW GEMM need it: see
+  "Tuning and performance changes") and writes those dW rows, exactly, in one GEMM each.
 
 Used when dW exists and the tail is at most half of V (else the accumulator is allocated). At G1 in
-bf16 (dhidden 256 MiB + dW 1002 MiB): allocations beyond the gradients 36 MiB, **1.03x the lower bound**
-(``reuse_outputs=False``: scratch 256 MiB + accumulator 256 MiB, 1.41x), for a second recompute of
-``2 Nc V H * (2 Nc / V)`` FLOPs: +6.4% of the policy's ``8 Nc V H`` at G1 (``Nc / V`` = 0.128).
+bf16 (dhidden 256 MiB + dW 1002 MiB) on 132 SMs: allocations beyond the gradients 40 MiB, **1.03x
+the lower bound** (``reuse_outputs=False``: scratch 256 MiB + accumulator 256 MiB, 1.41x), for a second
+recompute of ``2 Nc V H * (2 Nc / V)`` FLOPs: +6.4% of the policy's ``8 Nc V H`` at G1 (``Nc / V`` = 0.128).
 A frozen head (no dW) takes token-outer with a fresh scratch; an fp32 hidden accumulates in dhidden.
 
 Costs: FLOPs ``6 Nc V H`` (+ ``2 Nc V H`` forward = the ``8 Nc V H`` floor of a policy fwd+bwd), plus
@@ -87,6 +88,34 @@ Numerics: fp32 accumulation everywhere; 16-bit inputs use native tensor-core dot
 dz scratch are int64. Every grid is 1-D (axis 0 allows 2^31 - 1 programs): no token or vocabulary
 count ever lands on the 65535-limited axes 1/2.
 
+Tuning and performance changes (none of them measured on a GPU yet)
+--------------------------------------------------------------------
+* Launch parameters come from the tuning table (``tuning.py``, ``tuned_configs.json``), per kernel:
+  ``linear_fwd`` (forward tile, warps, stages), ``linear_dz`` (the dz tile, which is also the plan's and
+  the filter's granularity), ``linear_dw`` and ``linear_dh`` (GEMM tiles), keyed by GPU name, dtype and
+  shape class (H and Nc buckets). :func:`kernel_config` starts from the built-in defaults below (what
+  the code used before any measurement), applies the table's entries for the current GPU (never in the
+  interpreter), then ``CONFIG_OVERRIDES``; ``benchmarks/gpu/tune.py`` measures the table.
+* Phase-2 tail blocks fill >= 2 waves (:func:`_tail_blocks`): each tail block's dW GEMM has
+  ``cdiv(width, block_m) x cdiv(H, block_n)`` programs that each reduce over all Nc tokens, so a narrow
+  block leaves SMs idle for its whole duration. Blocks are now at least ``2 x SMs`` programs wide (SM
+  count from the device; 1 in the interpreter, which runs one program at a time) while that keeps the
+  phase-2 scratch within 1/16 of the gradients' bytes, and the tail is cut into equal blocks instead of
+  full-width ones plus a sliver. G1 on 132 SMs: 28 blocks of 1152-1280 columns (2.2-2.4 waves; before:
+  28 x 1152 columns, 2.2 waves, then one of 512, 1.0 wave), 40 MiB of scratch instead of 36; H = 2048 at
+  the same Nc: the cap allows 1.0-1.1 waves instead of 0.5, for +20 MiB. How much this buys depends on
+  how many of these programs an SM holds at once (shared memory and registers of the compiled kernel;
+  wave quantization): to be measured.
+* ``_dw_gemm_kernel`` prefetches ``token_idx``: a step's hidden rows are gathered through indices that
+  the previous step loaded, so the row load depends on no load of its own step. Triton's pipeliner
+  (AssignLatencies) splits ``num_stages - 1`` steps of prefetch between the levels of a load -> load
+  chain: with the index load feeding the row load, every load of the loop was prefetched
+  ``(num_stages - 1) / 2`` steps ahead (1 at ``num_stages=3``); with the chain cut, the dz and hidden
+  tiles are buffered ``num_stages - 1`` steps ahead like in the dhidden GEMM. Compiled for sm_90 at G1
+  (default tiles, ``num_stages=3``) the kernel's shared-memory buffers go from 2 to 3 per operand
+  (TTGIR, triton 3.6 and 3.9 alike), for 96 KiB of shared memory instead of 64.5 KiB (still two programs
+  per SM).
+
 Compatibility: triton 3.6 (GPU image) to 3.9; only long-standing ``tl`` APIs; tanh is written with
 ``exp``. Under ``TRITON_INTERPRET=1`` (3.9) ``tl.dot`` on bfloat16 returns garbage, so the interpreter
 upcasts 16-bit operands to fp32 before the dot (exact products, same fp32 accumulation as the GPU).
@@ -104,8 +133,11 @@ import triton
 import triton.language as tl
 
 from ..backends import LinearGrads
+from . import tuning
 
-# Tests (and users tuning a GPU) may set fields of LinearKernelConfig here: {"block_h": 32, ...}.
+# Tests (and users tuning a GPU) may set fields of LinearKernelConfig here: {"block_h": 32, ...}. They
+# apply last, over the tuning table: a shared name (block_n, gemm_m, num_warps, ...) sets that parameter
+# of every kernel that has it, a per-kernel name (dw_block_k, fwd_warps, ...) of one kernel.
 CONFIG_OVERRIDES: dict = {}
 # Tests set this: fill every buffer this module allocates with torch.empty with NaN first, so that a
 # kernel reading memory nobody wrote shows up as NaN in the results.
@@ -118,15 +150,45 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Tuning-table kernel -> {its parameter: the LinearKernelConfig field that holds it}.
+_TABLE_FIELDS = {
+    "linear_fwd": {"block_n": "fwd_block_n", "block_v": "fwd_block_v", "block_h": "fwd_block_h",
+                   "num_warps": "fwd_warps", "num_stages": "fwd_stages"},
+    "linear_dz": {"block_n": "block_n", "block_v": "block_v", "block_h": "block_h",
+                  "num_warps": "dz_warps", "num_stages": "dz_stages"},
+    "linear_dw": {"block_m": "dw_block_m", "block_n": "dw_block_n", "block_k": "dw_block_k",
+                  "num_warps": "dw_warps", "num_stages": "dw_stages"},
+    "linear_dh": {"block_m": "dh_block_m", "block_n": "dh_block_n", "block_k": "dh_block_k",
+                  "num_warps": "dh_warps", "num_stages": "dh_stages"},
+}
+# Per-kernel field -> the shared field it falls back to (None: use the shared one).
+_SHARED = {
+    "fwd_block_n": "block_n", "fwd_block_v": "block_v", "fwd_block_h": "block_h",
+    "fwd_warps": "num_warps", "fwd_stages": "num_stages", "dz_warps": "num_warps", "dz_stages": "num_stages",
+    "dw_block_m": "gemm_m", "dw_block_n": "gemm_n", "dw_block_k": "gemm_k", "dw_warps": "num_warps",
+    "dw_stages": "num_stages",
+    "dh_block_m": "gemm_m", "dh_block_n": "gemm_n", "dh_block_k": "gemm_k", "dh_warps": "num_warps",
+    "dh_stages": "num_stages",
+}
+# Constexpr names of each kernel's tile parameters.
+_CONSTEXPR = {"block_n": "BLOCK_N", "block_v": "BLOCK_V", "block_h": "BLOCK_H", "block_m": "BLOCK_M",
+              "block_k": "BLOCK_K"}
+_GEMM_NAME = {"linear_dw": "dW", "linear_dh": "dhidden"}
+
+
 @dataclass(frozen=True)
 class LinearKernelConfig:
     """Tile sizes and launch parameters.
 
-    block_n / block_v / block_h: logit tiles (plan tokens x vocabulary, dot over H in block_h chunks),
-        forward and the backward dz kernel.
-    gemm_m / gemm_n / gemm_k: dW and dhidden GEMM tiles ((vocab | tokens) x H, reduction step). gemm_m
-        and gemm_k must divide both block_n and block_v, so that every GEMM tile step lies inside one dz
-        tile (the gradient filter's skip flags are per dz tile).
+    block_n / block_v / block_h: logit tiles (plan tokens x vocabulary, dot over H in block_h chunks) of
+        the backward dz kernel, and of the forward unless fwd_block_* are set. block_n x block_v is also the
+        gradient filter's tile and the granularity of the backward's plan.
+    gemm_m / gemm_n / gemm_k: dW and dhidden GEMM tiles ((vocab | tokens) x H, reduction step), unless
+        dw_block_* / dh_block_* are set. Each GEMM's m and k tiles must divide both block_n and block_v, so
+        that every GEMM tile step lies inside one dz tile (the gradient filter's skip flags are per dz tile).
+    num_warps / num_stages: every kernel of the path unless <kernel>_warps / <kernel>_stages are set.
+    fwd_* / dz_* / dw_* / dh_*: per-kernel values (None: the shared one). :func:`kernel_config` fills them
+        from the tuning table (``tuning.py``); :meth:`params` gives the resolved values of one kernel.
     num_splits: forward vocabulary splits (None: enough for about 4 waves, at least 8).
     scratch_bytes: size of the backward dz scratch.
     outer: "auto" | "vocab" | "token", the backward's streaming order (see the module docstring).
@@ -148,36 +210,107 @@ class LinearKernelConfig:
     scratch_bytes: int = 256 * 2**20
     outer: str = "auto"
     reuse_outputs: bool = True
+    fwd_block_n: Optional[int] = None
+    fwd_block_v: Optional[int] = None
+    fwd_block_h: Optional[int] = None
+    fwd_warps: Optional[int] = None
+    fwd_stages: Optional[int] = None
+    dz_warps: Optional[int] = None
+    dz_stages: Optional[int] = None
+    dw_block_m: Optional[int] = None
+    dw_block_n: Optional[int] = None
+    dw_block_k: Optional[int] = None
+    dw_warps: Optional[int] = None
+    dw_stages: Optional[int] = None
+    dh_block_m: Optional[int] = None
+    dh_block_n: Optional[int] = None
+    dh_block_k: Optional[int] = None
+    dh_warps: Optional[int] = None
+    dh_stages: Optional[int] = None
+
+    def _get(self, field: str) -> int:
+        v = getattr(self, field)
+        return getattr(self, _SHARED[field]) if v is None else v
+
+    def params(self, kernel: str) -> dict:
+        """Resolved parameters of one kernel, named as in the tuning table (``tuning.KERNELS``)."""
+        return {p: self._get(f) if f in _SHARED else getattr(self, f) for p, f in _TABLE_FIELDS[kernel].items()}
+
+    def launch(self, kernel: str) -> dict:
+        """Keyword arguments of one kernel's launch: its tile constexprs, num_warps and num_stages."""
+        return {(_CONSTEXPR.get(p, p)): v for p, v in self.params(kernel).items()}
+
+    def resolved(self) -> "LinearKernelConfig":
+        """The same config with every per-kernel field explicit."""
+        return dataclasses.replace(self, **{f: self._get(f) for f in _SHARED})
 
     def check(self) -> None:
         for name in ("block_n", "block_v", "block_h", "gemm_m", "gemm_n", "gemm_k", "segment_block"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")
-        for name in ("gemm_m", "gemm_k"):
-            v = getattr(self, name)
-            if self.block_n % v or self.block_v % v:
-                raise ValueError(f"{name}={v} must divide block_n={self.block_n} and block_v={self.block_v}")
+        for kernel in _TABLE_FIELDS:
+            for p, f in _TABLE_FIELDS[kernel].items():
+                v = self._get(f) if f in _SHARED else getattr(self, f)
+                why = tuning._check_value(kernel, p, v)
+                if why:
+                    raise ValueError(f"{f} ({p} of {kernel}) {why}")
+        for kernel, gemm in _GEMM_NAME.items():
+            prm = self.params(kernel)
+            for p, shared in (("block_m", "gemm_m"), ("block_k", "gemm_k")):
+                v = prm[p]
+                if self.block_n % v or self.block_v % v:
+                    raise ValueError(f"{_TABLE_FIELDS[kernel][p]}={v} ({p} of the {gemm} GEMM, default {shared}) "
+                                     f"must divide block_n={self.block_n} and block_v={self.block_v}")
         if self.outer not in ("auto", "vocab", "token"):
             raise ValueError(f"outer must be 'auto', 'vocab' or 'token', got {self.outer!r}")
 
 
-def kernel_config(dtype: torch.dtype) -> LinearKernelConfig:
-    """Defaults per input dtype (H100-sized tiles; small ones in the interpreter), then overrides."""
+def _apply_overrides(cfg: LinearKernelConfig, over: dict) -> LinearKernelConfig:
+    """CONFIG_OVERRIDES: a shared name also sets every per-kernel field that falls back to it (over what
+    the table put there), unless that per-kernel field is itself overridden."""
+    fields = dict(over)
+    for f, shared in _SHARED.items():
+        if shared in over and f not in over:
+            fields[f] = over[shared]
+    return dataclasses.replace(cfg, **fields)
+
+
+def kernel_config(dtype: torch.dtype, *, device=None, Nc: int = 0, H: int = 0) -> LinearKernelConfig:
+    """Launch parameters of the fused-linear kernels for ``dtype`` inputs on ``device`` at ``Nc`` plan
+    tokens and hidden size ``H``: built-in defaults (H100-sized tiles; small ones in the interpreter),
+    then the tuning table's entries for this GPU (``tuning.py``; never in the interpreter), then
+    CONFIG_OVERRIDES. Every value is checked; a table entry that does not fit is a ValueError naming the
+    file and the entries."""
     if _interpreting():
         cfg = LinearKernelConfig(block_n=32, block_v=32, block_h=32, gemm_m=32, gemm_n=64, gemm_k=32,
                                  num_warps=4, num_stages=1, group=4, segment_block=16)
     elif dtype == torch.float32:
         # ieee fp32 dots run on the FMA units: smaller tiles keep the operands in registers.
+        # The dhidden GEMM gets 8 warps: with 4, its gradient-filter variant spills on sm_90 (triton 3.9,
+        # benchmarks/results/sm90-kernels.md).
         cfg = LinearKernelConfig(block_n=64, block_v=64, block_h=32, gemm_m=64, gemm_n=64, gemm_k=32,
-                                 num_warps=4, num_stages=2)
+                                 num_warps=4, num_stages=2, dh_warps=8)
     else:
         cfg = LinearKernelConfig()
     mb = os.environ.get("SPO_KERNELS_LINEAR_SCRATCH_MB")
     if mb:
         cfg = dataclasses.replace(cfg, scratch_bytes=int(float(mb) * 2**20))
+    cfg = cfg.resolved()
+    used = []
+    for kernel in tuning.LINEAR_KERNELS:
+        entry = tuning.lookup(kernel, dtype, device, H=H, Nc=Nc)
+        if entry is not None:
+            cfg = dataclasses.replace(cfg, **{_TABLE_FIELDS[kernel][p]: v for p, v in entry.params.items()})
+            used.append(entry)
+    if used:
+        try:
+            cfg.check()
+        except ValueError as e:
+            raise ValueError(f"{used[0].path}: the tuning entries {[u.key for u in used]} do not fit together "
+                             f"(or with the defaults of the kernels without an entry): {e}") from None
     if CONFIG_OVERRIDES:
-        cfg = dataclasses.replace(cfg, **CONFIG_OVERRIDES)
+        cfg = _apply_overrides(cfg, CONFIG_OVERRIDES)
     cfg.check()
     return cfg
 
@@ -196,9 +329,10 @@ def _dot_mode(dtype: torch.dtype) -> str:
 
 
 def _num_sms(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 otherwise (the interpreter runs one program at a time)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,9 +534,10 @@ def linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse):
     if Nc == 0:
         lse = torch.empty(0, dtype=torch.float32, device=device) if save_lse else None
         return torch.zeros(S, dtype=torch.float64, device=device), lse
-    cfg = kernel_config(hidden.dtype)
-    num_tb = triton.cdiv(Nc, cfg.block_n)
-    num_vt = triton.cdiv(V, cfg.block_v)
+    cfg = kernel_config(hidden.dtype, device=device, Nc=Nc, H=H)
+    fwd = cfg.launch("linear_fwd")
+    num_tb = triton.cdiv(Nc, fwd["BLOCK_N"])
+    num_vt = triton.cdiv(V, fwd["BLOCK_V"])
     sms = _num_sms(device)
     splits = cfg.num_splits or max(8, triton.cdiv(4 * sms, num_tb))
     splits = max(1, min(splits, num_vt))
@@ -420,9 +555,7 @@ def linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse):
             hidden, weight, bias if bias is not None else hidden, token_idx, targets,
             parts[0], parts[1], parts[2],
             Nc, V, H, hidden.stride(0), weight.stride(0), splits, tiles_per_split, group, softcap_v, inv_temp,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT=_dot_mode(hidden.dtype),
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT=_dot_mode(hidden.dtype), **fwd,
         )
         _merge_segments_kernel[(S,)](
             parts[0], parts[1], parts[2], plan.seq_offsets.contiguous(), lse, seq_logps, Nc, splits,
@@ -494,7 +627,13 @@ def _dw_gemm_kernel(
 ):
     """``dW[v_start + m, n] (+)= sum_k dz[k, m] h[token_idx[tok_start + k], n]``: program (vocab block, H
     block), reduction over the chunk's tokens in order, fp32 in registers. ``acc``/``out`` are ``[V, H]``
-    row-major (``acc`` fp32; ``out`` in the weight's dtype; they may be the same tensor)."""
+    row-major (``acc`` fp32; ``out`` in the weight's dtype; they may be the same tensor).
+
+    The hidden rows of a step are gathered through ``token_idx``. Each step's indices are loaded one step
+    ahead (``tok`` is loop-carried), so that the hidden-row load of a step depends on no load of the same
+    step: Triton's pipeliner then treats it as a direct load and buffers it ``num_stages - 1`` steps ahead,
+    instead of splitting those stages between the index load and the row load (the module docstring,
+    "Tuning and performance changes")."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(n_v, BLOCK_M)
     num_n = tl.cdiv(H, BLOCK_N)
@@ -504,9 +643,15 @@ def _dw_gemm_kernel(
     hs = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     h_mask = hs < H
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    idx_ptr = token_idx_ptr + tok_start
+    ks0 = tl.arange(0, BLOCK_K)
+    tok = tl.load(idx_ptr + ks0, mask=ks0 < n_tok, other=0).to(tl.int64)  # step 0's rows
     for k0 in range(0, n_tok, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + ks0
         k_mask = ks < n_tok
+        # The next step's rows, before this step's loads (index n_tok and beyond: masked, row 0).
+        ks_next = ks + BLOCK_K
+        tok_next = tl.load(idx_ptr + ks_next, mask=ks_next < n_tok, other=0).to(tl.int64)
         go = True
         if FILTER:
             go = tl.load(skip_ptr + (k0 // SKIP_BN) * num_vb_skip + (pm * BLOCK_M) // SKIP_BV) == 0
@@ -514,10 +659,10 @@ def _dw_gemm_kernel(
             # dz^T tile [BLOCK_M vocab, BLOCK_K tokens]
             a = tl.load(dz_ptr + ks.to(tl.int64)[None, :] * stride_dz + local_cols[:, None],
                         mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-            tok = tl.load(token_idx_ptr + tok_start + ks, mask=k_mask, other=0).to(tl.int64)
             b = tl.load(hidden_ptr + tok[:, None] * stride_h + hs[None, :],
                         mask=k_mask[:, None] & h_mask[None, :], other=0.0)
             acc = _dot_acc(a, b, acc, DOT)
+        tok = tok_next
     off = (v_start + local_cols).to(tl.int64)[:, None] * H + hs[None, :]
     mask = v_mask[:, None] & h_mask[None, :]
     _finish(acc, acc_ptr, out_ptr, off, off, mask, LOAD_ACC, STORE_OUT)
@@ -663,12 +808,40 @@ class BackwardPlan:
         return sum(self.extra_bytes.values())
 
 
+def _tail_blocks(tail_start, V, Nc, H, budget, cap, itemsize, cfg: LinearKernelConfig, num_sms):
+    """Phase 2's vocabulary blocks over ``[tail_start, V)``. Each block's dW GEMM is one launch whose grid
+    is ``cdiv(width, dw block_m) x cdiv(H, dw block_n)`` programs, each reducing over all ``Nc`` tokens: a
+    grid of less than 2 waves of ``num_sms`` leaves SMs idle for a whole long reduction. So a block is as
+    wide as the scratch ``budget`` (bytes) allows, and at least as wide as 2 waves need, as long as that
+    stays within ``cap`` bytes of scratch; the tail is then cut into equal blocks (+- one ``block_v``), so
+    that the last one is not a sliver with a tiny grid (the blocks that get one ``block_v`` more are the
+    last ones: the last block also holds the partial tile of ``V``)."""
+    bv = cfg.block_v
+    dw = cfg.params("linear_dw")
+    tail = V - tail_start
+    row_bytes = Nc * itemsize
+    w_budget = max(bv, budget // row_bytes // bv * bv)
+    w_cap = max(w_budget, cap // row_bytes // bv * bv)
+    m_blocks = triton.cdiv(2 * num_sms, triton.cdiv(H, dw["block_n"]))
+    w_min = min(triton.cdiv(m_blocks * dw["block_m"], bv) * bv, w_cap)
+    # As many blocks as the budget needs, fewer where 2 waves need wider ones, never wider than the cap.
+    count = max(1, min(triton.cdiv(tail, w_budget), tail // w_min), triton.cdiv(tail, w_cap))
+    base, extra = divmod(triton.cdiv(tail, bv), count)
+    blocks, v = [], tail_start
+    for i in range(count):
+        n = min((base + (i >= count - extra)) * bv, V - v)
+        blocks.append((v, n))
+        v += n
+    return blocks
+
+
 def plan_backward(N, Nc, V, H, hidden_dtype, weight_dtype, bias_dtype, need_hidden, need_weight, need_bias,
-                  cfg: LinearKernelConfig, filter_on=False) -> BackwardPlan:
+                  cfg: LinearKernelConfig, filter_on=False, num_sms=1) -> BackwardPlan:
     """Choose the backward's blocks and buffer placement (see the module docstring, "Memory").
 
     ``N`` rows of hidden, ``Nc`` plan tokens, ``V x H`` head; dtypes of hidden / weight / bias (None when
-    there is no bias to differentiate). Pure host arithmetic, so its memory figures are testable anywhere.
+    there is no bias to differentiate); ``num_sms``: SMs the phase-2 grids should fill (1: the
+    interpreter). Pure host arithmetic, so its memory figures are testable anywhere.
     """
     h_item = torch.empty(0, dtype=hidden_dtype).element_size()
     w_item = torch.empty(0, dtype=weight_dtype).element_size()
@@ -691,10 +864,11 @@ def plan_backward(N, Nc, V, H, hidden_dtype, weight_dtype, bias_dtype, need_hidd
             dh_acc = "weight_tail"
             tail_start = (V - acc_rows) // cfg.block_v * cfg.block_v
             v_blocks = _ranges(0, tail_start, width) + _ranges(tail_start, V, width)
-            # Phase 2's scratch is fresh: at most 1/32 of the gradients' own bytes (and of the cap).
-            budget = min(cfg.scratch_bytes, (N * H * h_item + V * H * w_item) // 32)
-            tail_w = max(cfg.block_v, budget // (Nc * h_item) // cfg.block_v * cfg.block_v)
-            tail_blocks = _ranges(tail_start, V, min(tail_w, V - tail_start))
+            # Phase 2's scratch is fresh: 1/32 of the gradients' own bytes (and at most the cap), widened
+            # up to 1/16 of them where 2 waves of the dW GEMM need it (see _tail_blocks).
+            grads = N * H * h_item + V * H * w_item
+            tail_blocks = _tail_blocks(tail_start, V, Nc, H, min(cfg.scratch_bytes, grads // 32),
+                                       min(cfg.scratch_bytes, grads // 16), h_item, cfg, num_sms)
         else:
             v_blocks = _ranges(0, V, width)
     multi_tok, multi_v = len(tok_blocks) > 1, len(v_blocks) > 1
@@ -726,6 +900,63 @@ def plan_backward(N, Nc, V, H, hidden_dtype, weight_dtype, bias_dtype, need_hidd
                         tail_blocks, tail_stride, max_tok, (max_tb, max_v), num_skip_flags, extra)
 
 
+class BlockLaunches:
+    """The backward's kernel launches over one (token chunk x vocabulary range) block of the ``[Nc, V]``
+    plane, with one config: :func:`linear_backward` walks the plane with it, and the tune step
+    (``benchmarks/gpu/tune.py``) times each kernel on one block of its G1 plan through the same calls.
+
+    ``db_part`` / ``skip``: the bias partials and the filter flags (any tensor when unused).
+    """
+
+    def __init__(self, cfg: LinearKernelConfig, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
+                 grad_filter_eps, db_part, skip):
+        self.cfg, self.hidden, self.weight, self.bias = cfg, hidden, weight, bias
+        self.token_idx = plan.token_idx.contiguous()
+        self.targets = plan.targets.contiguous()
+        self.seq_id = plan.seq_id.contiguous()
+        self.lse = lse.contiguous().float()
+        self.grad_seq = grad_seq.contiguous().float()
+        self.softcap_v, self.inv_temp = _softcap_args(softcap, temperature)
+        self.has_softcap = softcap is not None
+        self.eps = float(grad_filter_eps)
+        self.use_filter = grad_filter_eps > 0
+        self.db_part, self.skip = db_part, skip
+        self.dot = _dot_mode(hidden.dtype)
+
+    def grad_logits(self, dz_buf, stride, tok_start, n_tok, v_start, n_v, with_db):
+        """dz of the block into ``dz_buf`` (row stride ``stride``), bias partials if ``with_db``."""
+        cfg, hidden, weight, bias = self.cfg, self.hidden, self.weight, self.bias
+        _grad_logits_kernel[(triton.cdiv(n_tok, cfg.block_n) * triton.cdiv(n_v, cfg.block_v),)](
+            hidden, weight, bias if bias is not None else hidden, self.token_idx, self.targets, self.seq_id,
+            self.lse, self.grad_seq, dz_buf, self.db_part, self.skip,
+            tok_start, n_tok, v_start, n_v, hidden.shape[1], hidden.stride(0), weight.stride(0), stride,
+            cfg.group, self.softcap_v, self.inv_temp, self.eps,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=self.has_softcap, DOT=self.dot, NEED_DB=with_db,
+            FILTER=self.use_filter, **cfg.launch("linear_dz"))
+
+    def dw_gemm(self, dz_buf, stride, acc, out, tok_start, n_tok, v_start, n_v, load_acc, store_out):
+        """``dW[v_start:v_start+n_v] (+)= dz^T h[chunk]`` (see ``_dw_gemm_kernel``)."""
+        cfg, hidden = self.cfg, self.hidden
+        H = hidden.shape[1]
+        launch = cfg.launch("linear_dw")
+        _dw_gemm_kernel[(triton.cdiv(n_v, launch["BLOCK_M"]) * triton.cdiv(H, launch["BLOCK_N"]),)](
+            dz_buf, hidden, self.token_idx, acc, out, self.skip,
+            tok_start, n_tok, v_start, n_v, H, stride, hidden.stride(0), triton.cdiv(n_v, cfg.block_v), cfg.group,
+            LOAD_ACC=load_acc, STORE_OUT=store_out, FILTER=self.use_filter, DOT=self.dot,
+            SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, **launch)
+
+    def dh_gemm(self, dz_buf, stride, acc, out, tok_start, n_tok, v_start, n_v, load_acc, gathered, store_out):
+        """``dh[chunk] (+)= dz W[v_start:v_start+n_v]`` (see ``_dh_gemm_kernel``)."""
+        cfg, weight = self.cfg, self.weight
+        H = weight.shape[1]
+        launch = cfg.launch("linear_dh")
+        _dh_gemm_kernel[(triton.cdiv(n_tok, launch["BLOCK_M"]) * triton.cdiv(H, launch["BLOCK_N"]),)](
+            dz_buf, weight, self.token_idx, acc, out, self.skip,
+            tok_start, n_tok, v_start, n_v, H, stride, weight.stride(0), triton.cdiv(n_v, cfg.block_v), cfg.group,
+            LOAD_ACC=load_acc, ACC_GATHERED=gathered, STORE_OUT=store_out, FILTER=self.use_filter, DOT=self.dot,
+            SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, **launch)
+
+
 def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq, need_hidden, need_weight,
                     need_bias, deterministic=False, grad_filter_eps=0.0):
     """Gradients of ``sum_s grad_seq[s] * L_s`` w.r.t. hidden, weight and bias, by streaming dz.
@@ -752,10 +983,10 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
             hidden=torch.zeros((N, H), dtype=hidden.dtype, device=device) if need_hidden else None,
             weight=torch.zeros((V, H), dtype=weight.dtype, device=device) if need_weight else None,
             bias=torch.zeros_like(bias) if need_bias else None)
-    cfg = kernel_config(hidden.dtype)
+    cfg = kernel_config(hidden.dtype, device=device, Nc=Nc, H=H)
     use_filter = grad_filter_eps > 0
     bp = plan_backward(N, Nc, V, H, hidden.dtype, weight.dtype, bias.dtype if need_bias else None,
-                       need_hidden, need_weight, need_bias, cfg, use_filter)
+                       need_hidden, need_weight, need_bias, cfg, use_filter, _num_sms(device))
     f32 = torch.float32
     # Gradients. dhidden is zero outside the plan: zeroed up front unless its storage hosts the scratch
     # (then it is zeroed after the last read of dz, just before the accumulator is scattered into it).
@@ -788,31 +1019,13 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
     db_part = _empty(bp.db_part_shape, f32, device) if need_bias else dz
     skip = _empty((bp.num_skip_flags,), torch.int8, device) if use_filter else dz
 
-    softcap_v, inv_temp = _softcap_args(softcap, temperature)
-    dot = _dot_mode(hidden.dtype)
-    token_idx = plan.token_idx.contiguous()
-    targets = plan.targets.contiguous()
-    seq_id = plan.seq_id.contiguous()
-    lse = lse.contiguous().float()
-    grad_seq = grad_seq.contiguous().float()
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    gm, gn, gk = cfg.gemm_m, cfg.gemm_n, cfg.gemm_k
-
-    def grad_logits(dz_buf, stride, tok_start, n_tok, v_start, n_v, with_db):
-        _grad_logits_kernel[(triton.cdiv(n_tok, cfg.block_n) * triton.cdiv(n_v, cfg.block_v),)](
-            hidden, weight, bias if bias is not None else hidden, token_idx, targets, seq_id, lse,
-            grad_seq, dz_buf, db_part, skip,
-            tok_start, n_tok, v_start, n_v, H, hidden.stride(0), weight.stride(0), stride,
-            cfg.group, softcap_v, inv_temp, float(grad_filter_eps),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT=dot, NEED_DB=with_db,
-            FILTER=use_filter, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, **launch)
+    run = BlockLaunches(cfg, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq, grad_filter_eps,
+                        db_part, skip)
+    grad_logits = run.grad_logits
 
     def dw_gemm(dz_buf, stride, tok_start, n_tok, v_start, n_v, load_acc, store_out):
-        _dw_gemm_kernel[(triton.cdiv(n_v, gm) * triton.cdiv(H, gn),)](
-            dz_buf, hidden, token_idx, dw_acc if dw_acc is not None else dw, dw, skip,
-            tok_start, n_tok, v_start, n_v, H, stride, hidden.stride(0), triton.cdiv(n_v, cfg.block_v), cfg.group,
-            LOAD_ACC=load_acc, STORE_OUT=store_out, FILTER=use_filter, DOT=dot,
-            SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, **launch)
+        run.dw_gemm(dz_buf, stride, dw_acc if dw_acc is not None else dw, dw, tok_start, n_tok, v_start, n_v,
+                    load_acc, store_out)
 
     with _device_ctx(hidden):
         # Phase 1: every block of the plane.
@@ -820,7 +1033,6 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
             num_tb = triton.cdiv(n_tok, cfg.block_n)
             first_tok, last_tok = tok_start == 0, tok_start + n_tok == Nc
             for v_start, n_v in bp.v_blocks:
-                num_vb = triton.cdiv(n_v, cfg.block_v)
                 first_v, last_v = v_start == 0, v_start + n_v == V
                 grad_logits(dz, bp.stride_dz, tok_start, n_tok, v_start, n_v, need_bias)
                 if need_weight and v_start < bp.tail_start:
@@ -836,17 +1048,14 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
                     # dhidden itself, unless dhidden's storage is the scratch being read (then see below).
                     gathered = dh_acc is dh
                     store_out = (last_v and bp.scratch != "dhidden") or gathered
-                    _dh_gemm_kernel[(triton.cdiv(n_tok, gm) * triton.cdiv(H, gn),)](
-                        dz, weight, token_idx, dh_acc if dh_acc is not None else dh, dh, skip,
-                        tok_start, n_tok, v_start, n_v, H, bp.stride_dz, weight.stride(0), num_vb, cfg.group,
-                        LOAD_ACC=not first_v, ACC_GATHERED=gathered, STORE_OUT=store_out,
-                        FILTER=use_filter, DOT=dot, SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v,
-                        BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, **launch)
+                    run.dh_gemm(dz, bp.stride_dz, dh_acc if dh_acc is not None else dh, dh, tok_start, n_tok,
+                                v_start, n_v, not first_v, gathered, store_out)
         if bp.scratch == "dhidden":
             # dz is dead: dhidden = 0 outside the plan, the accumulator on its rows.
             dh.zero_()
-            _scatter_rows_kernel[(triton.cdiv(Nc, gm) * triton.cdiv(H, gn),)](
-                dh_acc, token_idx, dh, Nc, H, cfg.group, BLOCK_M=gm, BLOCK_N=gn, num_warps=4)
+            bm, bn = cfg.params("linear_dh")["block_m"], cfg.params("linear_dh")["block_n"]
+            _scatter_rows_kernel[(triton.cdiv(Nc, bm) * triton.cdiv(H, bn),)](
+                dh_acc, run.token_idx, dh, Nc, H, cfg.group, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
         # Phase 2: the dW rows that held the accumulator, from a second recompute of their dz.
         if bp.tail_blocks:
             dz_tail = _empty((Nc, bp.tail_stride_dz), hidden.dtype, device)

@@ -40,8 +40,30 @@ Design:
   running max starts at -FLT_MAX (finite), so no -inf guard is needed per element.
 - Vocab tiles of ``BLOCK_V = min(next_pow2(V), 4096)`` lanes (8 warps: 16 elements per thread). Full tiles
   are loaded and stored unmasked; only the last, partial tile is masked. The forward is a streaming
-  read (bandwidth bound at V = 128k: about 10 ALU ops and one exp per 2-byte element); tile size and
-  warps are untuned guesses until a GPU session measures them.
+  read (bandwidth bound at V = 128k: about 10 ALU ops and one exp per 2-byte element).
+
+Tuning and the prefetching forward (neither measured on a GPU yet):
+
+- Launch parameters (``block_v``, ``num_warps``, and the forward's ``prefetch``) come from the tuning
+  table (``tuning.py``, ``tuned_configs.json``: kernels ``logits_fwd`` / ``logits_bwd``, keyed by GPU name,
+  dtype and a V bucket) when it has an entry for the current GPU, else from the built-in defaults above
+  (``launch_params``); never in the interpreter. ``CONFIG_OVERRIDES`` applies last (tests).
+- Prefetch (``PREFETCH``, on by default except for float64): the forward loads the next full vocab tile
+  into registers before it folds the current one, so each program has two tiles of loads in flight
+  instead of one while it computes. Why this and not several rows per program: the kernel is bandwidth
+  bound, and what keeps HBM busy is bytes in flight per SM. Estimate: at 8 warps and 64-70 registers
+  per thread about 3 programs share an SM, one 8 KiB bf16 tile each in flight, ~24 KiB per SM; Little's
+  law with H100's 3.35 TB/s and a loaded DRAM latency of ~1 us asks for about as much, more under
+  contention. A second tile per program doubles that at the cost of 8 registers (bf16) per thread, and
+  keeps the one-token-per-program grid (no tail effects for small Nc, and the same fp32 per-lane
+  reduction in the same order: results bitwise equal to the plain loop's in the interpreter). Several
+  rows per program would not add bytes in flight per register. The compiler's own pipelining
+  (``tl.range(num_stages=...)``) would stage the tiles through shared memory (cp.async) for the same
+  purpose; not chosen since it adds a shared-memory round trip per element to a kernel with no reuse.
+  Compiled for sm_90 (G2, bf16): 70 registers with triton 3.9, 80 with 3.6, no spills (hoisting the
+  target logit's load above the stream made ptxas spill 4 bytes, so it stays after). The float64
+  variant (tests only) keeps the plain loop: with the softcap chain a second fp64 tile in flight spills
+  there. The tune step measures ``prefetch`` 0 against 1.
 """
 
 from __future__ import annotations
@@ -50,10 +72,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
+
 Tensor = torch.Tensor
 
-# Largest vocab tile; V=128256 takes 32 tiles of 4096. Tests lower it to exercise several tiles.
+# Largest vocab tile of the built-in defaults; V=128256 takes 32 tiles of 4096. Tests lower it to
+# exercise several tiles.
 MAX_BLOCK_V = 4096
+# Tests (and users tuning a GPU) may set launch parameters here, per kernel, named as in the tuning
+# table: {"logits_fwd": {"prefetch": 0}, "logits_bwd": {"num_warps": 4}}. They apply over the table.
+CONFIG_OVERRIDES: dict = {}
 # Tokens summed per step of the segment reduction.
 BLOCK_T = 256
 
@@ -119,24 +147,27 @@ _NO_MAX = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX, exact in fp32 and fp
 
 
 @triton.jit
-def _lse_tile(m, s, row_ptr, vcols, V, stride_col, softcap, temperature,
-              HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-              ACC: tl.constexpr, MASKED: tl.constexpr):
-    """Fold one vocab tile into the per-lane online log-sum-exp ``(m_v, s_v = sum exp(z - m_v))``.
+def _load_tile(row_ptr, vcols, V, stride_col, UNIT_COL_STRIDE: tl.constexpr, MASKED: tl.constexpr):
+    """One vocab tile of a row, in the logits' dtype; only the last tile is ``MASKED`` (lanes >= V read 0)."""
+    col_off = _col_offsets(vcols, stride_col, UNIT_COL_STRIDE)
+    if MASKED:
+        return tl.load(row_ptr + col_off, mask=vcols < V, other=0.0)
+    else:
+        return tl.load(row_ptr + col_off)
+
+
+@triton.jit
+def _fold_tile(m, s, x, vcols, V, softcap, temperature,
+               HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
+    """Fold one loaded vocab tile ``x`` into the per-lane online log-sum-exp ``(m_v, s_v = sum exp(z - m_v))``.
 
     One exp per element serves both cases: with ``d = exp(min(m, z) - max(m, z))``,
     ``s <- s * d + 1`` when z is the new max (rescale the old sum), else ``s <- s + d``.
-    Only the last tile is ``MASKED``: its lanes >= V are set to -inf *after* the transform, so d = 0.
+    In the ``MASKED`` (last) tile, lanes >= V are set to -inf *after* the transform, so d = 0.
     """
-    col_off = _col_offsets(vcols, stride_col, UNIT_COL_STRIDE)
+    z = _transform(x.to(ACC), softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     if MASKED:
-        in_vocab = vcols < V
-        x = tl.load(row_ptr + col_off, mask=in_vocab, other=0.0).to(ACC)
-        z = _transform(x, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-        z = tl.where(in_vocab, z, float("-inf"))
-    else:
-        x = tl.load(row_ptr + col_off).to(ACC)
-        z = _transform(x, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        z = tl.where(vcols < V, z, float("-inf"))
     m_new = tl.maximum(m, z)
     d = tl.exp(tl.minimum(m, z) - m_new)
     s = tl.where(z > m, s * d + 1.0, s + d)
@@ -153,8 +184,13 @@ def _token_logprob_kernel(
     V, stride_row, stride_col,
     softcap, temperature,
     HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    """Program t: ``lse[t]`` and ``logp[t]`` of plan token t, streaming its row in ``BLOCK_V`` tiles.
+
+    PREFETCH: the next full tile is loaded (into registers) before the current one is folded, so each
+    program keeps two tiles of loads in flight instead of one (module docstring, "Tuning and the
+    prefetching forward")."""
     t = tl.program_id(0)  # plan token: grid axis 0 (up to 2^31 - 1 programs)
     row = tl.load(token_idx_ptr + t).to(tl.int64)
     target = tl.load(targets_ptr + t).to(tl.int64)
@@ -166,12 +202,23 @@ def _token_logprob_kernel(
     m = tl.full([BLOCK_V], _NO_MAX, ACC)
     s = tl.zeros([BLOCK_V], ACC)
     v_full = (V // BLOCK_V) * BLOCK_V
-    for v0 in range(0, v_full, BLOCK_V):  # full tiles: no mask
-        m, s = _lse_tile(m, s, row_ptr, v0 + cols, V, stride_col, softcap, temperature,
-                         HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, False)
+    if PREFETCH:
+        if v_full > 0:
+            x = _load_tile(row_ptr, cols, V, stride_col, UNIT_COL_STRIDE, False)
+            for v0 in range(BLOCK_V, v_full, BLOCK_V):  # full tiles: no mask
+                x_next = _load_tile(row_ptr, v0 + cols, V, stride_col, UNIT_COL_STRIDE, False)
+                m, s = _fold_tile(m, s, x, v0 - BLOCK_V + cols, V, softcap, temperature,
+                                  HAS_SOFTCAP, HAS_TEMPERATURE, ACC, False)
+                x = x_next
+            m, s = _fold_tile(m, s, x, v_full - BLOCK_V + cols, V, softcap, temperature,
+                              HAS_SOFTCAP, HAS_TEMPERATURE, ACC, False)
+    else:
+        for v0 in range(0, v_full, BLOCK_V):  # full tiles: no mask
+            x = _load_tile(row_ptr, v0 + cols, V, stride_col, UNIT_COL_STRIDE, False)
+            m, s = _fold_tile(m, s, x, v0 + cols, V, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE, ACC, False)
     if v_full < V:  # the partial last tile
-        m, s = _lse_tile(m, s, row_ptr, v_full + cols, V, stride_col, softcap, temperature,
-                         HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, True)
+        x = _load_tile(row_ptr, v_full + cols, V, stride_col, UNIT_COL_STRIDE, True)
+        m, s = _fold_tile(m, s, x, v_full + cols, V, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE, ACC, True)
 
     # Merge lanes: lse = M + log(sum_v s_v exp(m_v - M)); M is finite (>= the sentinel).
     m_row = tl.max(m, axis=0)
@@ -291,12 +338,39 @@ def _acc_dtypes(dtype: torch.dtype):
     raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {dtype}")
 
 
-def _block_v(vocab: int) -> int:
-    return max(16, min(triton.next_power_of_2(vocab), MAX_BLOCK_V))
+def _block_v(vocab: int, largest: int = None) -> int:
+    return max(16, min(triton.next_power_of_2(vocab), MAX_BLOCK_V if largest is None else largest))
 
 
 def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
+
+
+def launch_params(kernel: str, dtype: torch.dtype, vocab: int, device) -> dict:
+    """``{"block_v", "num_warps"[, "prefetch"]}`` of ``kernel`` ("logits_fwd" | "logits_bwd") for logits of
+    ``dtype`` with ``vocab`` columns on ``device``: the built-in defaults (``block_v`` = next_pow2(V) up to
+    MAX_BLOCK_V, 8 warps from 2048 lanes on, prefetch on except for float64), replaced by the tuning
+    table's entry for this GPU (never in the interpreter; ``tuning.py``), then by CONFIG_OVERRIDES.
+    ``block_v`` from the table or the overrides is the largest tile: it is clipped to next_pow2(V)."""
+    params = {"block_v": _block_v(vocab)}
+    params["num_warps"] = _num_warps(params["block_v"])
+    if kernel == "logits_fwd":
+        # float64 (tests only) keeps the plain loop: its tiles are twice the registers, and with the softcap
+        # chain a second one in flight spills on sm_90.
+        params["prefetch"] = 0 if dtype == torch.float64 else 1
+    where = "built-in defaults"
+    if dtype in tuning.DTYPES.values():
+        entry = tuning.lookup(kernel, dtype, device, V=vocab)
+        if entry is not None:
+            params.update(entry.params)
+            where = entry.where()
+    over = CONFIG_OVERRIDES.get(kernel)
+    if over:
+        params.update(over)
+        where = f"{where} + CONFIG_OVERRIDES[{kernel!r}]"
+    params = tuning.check_params(kernel, params, where)
+    params["block_v"] = _block_v(vocab, params["block_v"])
+    return params
 
 
 def _transform_args(softcap, temperature):
@@ -332,14 +406,14 @@ def logits_forward(logits: Tensor, plan, softcap, temperature):
     token_logp = _alloc((num_tokens,), acc_torch, device)
     seq_logps = _alloc((num_seqs,), torch.float64, device)  # per-sequence sums in float64 (SPEC 7)
     softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(softcap, temperature)
-    block_v = _block_v(vocab)
     if num_tokens > 0:
+        fwd = launch_params("logits_fwd", logits.dtype, vocab, device)
         _token_logprob_kernel[(num_tokens,)](
             logits, plan.token_idx, plan.targets, lse, token_logp,
             vocab, logits.stride(0), logits.stride(1), softcap_v, temperature_v,
             HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
-            UNIT_COL_STRIDE=logits.stride(1) == 1, ACC=acc_tl, BLOCK_V=block_v,
-            num_warps=_num_warps(block_v),
+            UNIT_COL_STRIDE=logits.stride(1) == 1, ACC=acc_tl, BLOCK_V=fwd["block_v"],
+            PREFETCH=bool(fwd["prefetch"]), num_warps=fwd["num_warps"],
         )
     if num_seqs > 0:
         _segment_sum_kernel[(num_seqs,)](
@@ -377,12 +451,12 @@ def logits_backward(logits: Tensor, plan, softcap, temperature, lse: Tensor, gra
     if plan.num_tokens > 0:
         row_token[plan.token_idx] = torch.arange(plan.num_tokens, dtype=torch.int32, device=device)
     softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(softcap, temperature)
-    block_v = _block_v(vocab)
+    bwd = launch_params("logits_bwd", logits.dtype, vocab, device)
     _logits_backward_kernel[(num_rows,)](
         logits, out, row_token, plan.targets, plan.seq_id, lse.contiguous(), grad_seq.contiguous(),
         vocab, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
         softcap_v, temperature_v,
         HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
-        UNIT_COL_STRIDE=(logits.stride(1) == 1 and out.stride(1) == 1), ACC=acc_tl, BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
+        UNIT_COL_STRIDE=(logits.stride(1) == 1 and out.stride(1) == 1), ACC=acc_tl, BLOCK_V=bwd["block_v"],
+        num_warps=bwd["num_warps"],
     )
