@@ -14,8 +14,8 @@ import torch
 from . import reference as ref_impl
 from .autograd import ClosedFormLoss, LinearSequenceLogprobs, LogitsSequenceLogprobs
 from .backends import get_backend, resolve_backend_name
-from .config import PreferenceLossConfig
-from .layout import TokenPlan, build_plan, check_float
+from .config import PreferenceLossConfig, check_bool, config_type_error
+from .layout import TokenPlan, build_plan, check_float, check_same_device
 from .output import PreferenceLossOutput, SequenceLogprobs
 
 Tensor = torch.Tensor
@@ -25,40 +25,60 @@ Tensor = torch.Tensor
 # validation helpers
 # ---------------------------------------------------------------------------------------------
 
-def _check_logits(logits, cu_seqlens):
-    check_float("logits", logits)
+def _check_logits(logits, cu_seqlens, name="logits"):
+    check_float(name, logits)
     want = 2 if cu_seqlens is not None else 3
     if logits.dim() != want:
         layout = "packed [N, V] (cu_seqlens given)" if cu_seqlens is not None else "padded [S, T, V]"
-        raise ValueError(f"logits must be {layout}, got shape {tuple(logits.shape)}")
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
 
 
 def _check_linear(hidden, weight, bias, cu_seqlens, prefix=""):
+    """Shapes and dtypes of the fused-linear inputs (SPEC 6): outside autocast, hidden, weight and bias
+    share one dtype; a mismatch names both and the cast to make."""
     check_float(f"{prefix}hidden", hidden)
     want = 2 if cu_seqlens is not None else 3
     if hidden.dim() != want:
         layout = "packed [N, H] (cu_seqlens given)" if cu_seqlens is not None else "padded [S, T, H]"
         raise ValueError(f"{prefix}hidden must be {layout}, got shape {tuple(hidden.shape)}")
-    check_float(f"{prefix}weight", weight, hidden.device)
+    check_float(f"{prefix}weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{prefix}weight must be [V, H] with H={hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{prefix}weight has no rows: the vocabulary is empty (V = 0)")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}weight dtype {weight.dtype} differs from {prefix}hidden dtype {hidden.dtype}")
+        raise TypeError(f"{prefix}weight dtype {weight.dtype} differs from {prefix}hidden dtype {hidden.dtype}; "
+                        f"outside autocast they must match: cast one, e.g. {prefix}hidden.to({weight.dtype}) or "
+                        f"{prefix}weight.to({hidden.dtype})")
     if bias is not None:
-        check_float(f"{prefix}bias", bias, hidden.device)
+        check_float(f"{prefix}bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{prefix}bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{prefix}bias dtype {bias.dtype} differs from {prefix}weight dtype {weight.dtype}; "
+                            f"outside autocast they must match: pass {prefix}bias.to({weight.dtype})")
+
+
+def _check_devices(**tensors) -> None:
+    """Before anything reads data: no meta tensor among the arguments, and all of them on one device
+    (the error names the argument(s) off the others' device, not whichever came second)."""
+    for name, x in tensors.items():
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor (a shape without data); pass a tensor with data")
+    check_same_device(tensors)
 
 
 def _resolve_config(config: Optional[PreferenceLossConfig], options: dict) -> PreferenceLossConfig:
     if config is None:
         return PreferenceLossConfig(**options)
     if not isinstance(config, PreferenceLossConfig):
-        raise TypeError(f"config must be a PreferenceLossConfig, got {type(config).__name__}")
+        raise TypeError(config_type_error(config))
     return config.replace(**options) if options else config
 
 
-def _check_per_seq(name, x, num, device):
+def _check_per_seq(name, x, num, device=None):
     check_float(name, x, device)
     if tuple(x.shape) != (num,):
         raise ValueError(f"{name} must have shape [{num}], got {tuple(x.shape)}")
@@ -108,14 +128,30 @@ def sequence_logprobs(
             completions.
         cu_seqlens: ``[S+1]`` int32 for the packed layout.
         inplace_backward: backward writes dlogits into ``logits``'s own buffer (no second ``[N, V]``
-            tensor); the logits are then gone. Pass False to allocate the gradient instead.
+            tensor); the logits are then gone. Pass False to allocate the gradient instead. The gradient
+            is exact either way (SPEC 6): the buffer's autograd version counter is bumped, so another
+            node that saved these logits and runs its backward later raises autograd's "modified by an
+            inplace operation" error; and a new buffer is used instead when writing in place could change
+            what someone else reads: a leaf tensor (or a view of one), overlapping memory (an expanded,
+            stride-0 tensor), a window of a larger buffer, or a storage other live tensors share (another
+            view, a tensor an autograd node saved). Pass the tensor that owns its storage (e.g. the
+            model's logits output) to keep the saving.
+
+    fp16 logits (SPEC 7): the gradient ``g_s (onehot - softmax) dz/dx`` is formed in fp32 and rounded to
+    fp16 once, on every backend. Its entries are often below fp16's range (``g_s p_v`` ~ 1e-8 at V = 32k),
+    so train fp16 with a loss scale (``torch.amp.GradScaler``), as any fp16 model: the scale reaches the
+    kernels as the upstream gradient and multiplies in fp32 before that rounding, so scaled entries down
+    to fp16's normal range (2^-14) keep fp16's precision, with no intermediate that could underflow or
+    overflow. bf16 has fp32's range and needs no scale.
     Returns:
         :class:`SequenceLogprobs` with ``logps [S]`` fp32 and ``counts [S]`` int64.
     """
+    _check_devices(logits=logits, labels=labels, cu_seqlens=cu_seqlens)
     _check_logits(logits, cu_seqlens)
+    check_bool("inplace_backward", inplace_backward)
+    PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)  # validates
     plan = build_plan(labels, logits.shape[-1], ignore_index, logits.shape[:-1], logits.device,
                       cu_seqlens, pairs=False)
-    PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)  # validates
     logps = _logits_logprobs(logits, plan, backend, softcap, temperature, inplace_backward, labels, cu_seqlens,
                              ignore_index)
     return SequenceLogprobs(logps=logps.to(_out_dtype(logits)), counts=plan.counts)
@@ -148,11 +184,12 @@ def fused_linear_sequence_logprobs(
     Returns:
         :class:`SequenceLogprobs` with ``logps [S]`` fp32 and ``counts [S]`` int64.
     """
+    _check_devices(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
     _check_linear(hidden, weight, bias, cu_seqlens)
+    PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)  # validates
+    _check_kernel_options(deterministic, grad_filter_eps)
     plan = build_plan(labels, weight.shape[0], ignore_index, hidden.shape[:-1], hidden.device,
                       cu_seqlens, pairs=False)
-    PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)
-    _check_kernel_options(deterministic, grad_filter_eps)
     logps = _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens,
                              ignore_index, deterministic, grad_filter_eps)
     return SequenceLogprobs(logps=logps.to(_out_dtype(hidden)), counts=plan.counts)
@@ -175,8 +212,7 @@ def _out_dtype(x: Tensor) -> torch.dtype:
 
 
 def _check_kernel_options(deterministic, grad_filter_eps):
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    check_bool("deterministic", deterministic)
     if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)) or not (
             0.0 <= grad_filter_eps < 1.0):
         raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
@@ -214,7 +250,9 @@ def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, ba
     counts = plan.counts
     if ref_logps is not None:
         ref_logps = ref_logps.detach()
-    if anchor is None and cfg.spo_anchor == "reference" and ref_logps is not None:
+    if cfg.spo_lambda == 0:
+        anchor = None  # SPO off: no penalty, no SPO metrics (SPEC 6)
+    elif anchor is None and cfg.spo_anchor == "reference" and ref_logps is not None:
         anchor = _anchor_from_reference(cfg, ref_logps, counts, P)
     if callable(bco_delta):
         # This batch's mean reward (bco_pair's rewards are on summed log-probs), handed to the caller's
@@ -282,18 +320,22 @@ def preference_loss(
         spo_anchor: "reference", "one_step" or a ``[P]`` tensor (SPEC 4); default from the config.
         config / **options: :class:`PreferenceLossConfig` fields (``beta=0.1, loss_type="sigmoid", ...``).
         inplace_backward: write dlogits into the logits buffer during backward (default; no extra
-            ``[N, V]`` tensor, the logits are overwritten).
+            ``[N, V]`` tensor, the logits are overwritten), when that cannot change what anyone else reads;
+            else a new buffer (the rule is in :func:`sequence_logprobs`). Never a wrong gradient.
         bco_delta: reward shift for ``bco_pair``: a scalar tensor, or a callable taking this batch's mean
             reward and returning the shift (how the modules keep TRL's running mean); default: the
             batch mean.
     Returns:
         :class:`PreferenceLossOutput`: ``loss`` plus the TRL-named metrics.
     """
+    _check_devices(logits=logits, labels=labels, cu_seqlens=cu_seqlens, ref_logps=ref_logps, ref_logits=ref_logits,
+                   spo_anchor=spo_anchor, bco_delta=bco_delta)
     cfg = _resolve_config(config, options)
     _check_logits(logits, cu_seqlens)
+    check_bool("inplace_backward", inplace_backward)
     plan = build_plan(labels, logits.shape[-1], cfg.ignore_index, logits.shape[:-1], logits.device, cu_seqlens)
     if ref_logits is not None:
-        check_float("ref_logits", ref_logits, logits.device)
+        _check_logits(ref_logits, cu_seqlens, "ref_logits")
         if ref_logits.shape != logits.shape:
             raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
                              f"got {tuple(ref_logits.shape)}")
@@ -343,6 +385,9 @@ def fused_linear_preference_loss(
     Returns:
         :class:`PreferenceLossOutput`.
     """
+    _check_devices(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
+                   ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, spo_anchor=spo_anchor,
+                   bco_delta=bco_delta)
     cfg = _resolve_config(config, options)
     _check_linear(hidden, weight, bias, cu_seqlens)
     _check_kernel_options(deterministic, grad_filter_eps)

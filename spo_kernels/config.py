@@ -19,12 +19,19 @@ LOSS_TYPES = REFERENCE_LOSSES + REFERENCE_FREE_LOSSES
 MEAN_BASIS_LOSSES = ("ipo", "simpo")
 
 SPO_ANCHORS = ("reference", "one_step")
+# Fields that are flags: exactly a bool (a string such as "no" is truthy and would be taken as True).
+BOOL_FIELDS = ("reference_free",)
 SPO_NORMALIZE = ("mean", "sum")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreferenceLossConfig:
     """Every parameter of the preference loss (SPEC sections 2-4).
+
+    Frozen and validated on every construction (SPEC 7): a change is a new, validated config,
+    ``dataclasses.replace(cfg, beta=0.2)`` or ``cfg.replace(beta=0.2)``; assigning a field raises
+    ``dataclasses.FrozenInstanceError``. Numbers must be finite, flags must be bools (``TypeError``
+    naming the field otherwise).
 
     Base loss:
         beta: inverse temperature of the implicit reward (> 0).
@@ -66,6 +73,8 @@ class PreferenceLossConfig:
         self.validate()
 
     def replace(self, **overrides) -> "PreferenceLossConfig":
+        """A copy with ``overrides`` applied, validated again (``dataclasses.replace`` with a clear error
+        for an unknown field)."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown loss option(s): {sorted(unknown)}")
@@ -83,7 +92,8 @@ class PreferenceLossConfig:
         return self.loss_type in MEAN_BASIS_LOSSES
 
     def validate(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
+        """Raise ``TypeError`` / ``ValueError`` naming the first bad field (SPEC 7)."""
+        if not isinstance(self.loss_type, str) or self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is unknown; expected one of {list(LOSS_TYPES)}")
         _finite("beta", self.beta)
         if self.beta <= 0:
@@ -111,8 +121,23 @@ class PreferenceLossConfig:
             _finite("softcap", self.softcap)
             if self.softcap <= 0:
                 raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
+        for name in BOOL_FIELDS:
+            check_bool(name, getattr(self, name))
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+
+
+def config_type_error(config) -> str:
+    """The message for a ``config`` argument that is not a :class:`PreferenceLossConfig`."""
+    hint = (" (build one with PreferenceLossConfig(**d), which validates it, or pass the fields as keyword "
+            "options)" if isinstance(config, dict) else "")
+    return f"config must be a PreferenceLossConfig, got {type(config).__name__}{hint}"
+
+
+def check_bool(name: str, value) -> None:
+    """A flag must be a bool: ``"no"``, ``0`` or ``None`` would silently mean something else."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
 
 
 def _finite(name: str, value) -> None:

@@ -44,17 +44,52 @@ class TokenPlan:
         return self.counts.shape[0]
 
 
+# Floating dtypes the kernels compute with (float64 for tests); fp8 and complex are rejected up front.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Label dtypes: every integer dtype, normalized to int64 by the plan (and by the reference backend).
+INT_DTYPES = tuple(dt for dt in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                                 getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+                                 getattr(torch, "uint64", None)) if dt is not None)
+
+
 def _check_tensor(name: str, x, device=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (a shape without data); pass a tensor with data")
     if device is not None and x.device != torch.device(device):
         raise ValueError(f"{name} is on {x.device} but the inputs are on {device}")
 
 
 def check_float(name: str, x, device=None) -> None:
+    """``x`` is a tensor with data (not meta) of a dtype the kernels compute with (SPEC 7)."""
     _check_tensor(name, x, device)
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        kind = "an integer" if not (x.is_floating_point() or x.is_complex()) else f"a {x.dtype}"
+        raise TypeError(f"{name} must be a float32, bfloat16 or float16 tensor (float64 for tests), got "
+                        f"{kind} tensor ({x.dtype})")
+
+
+def check_same_device(tensors: dict) -> None:
+    """Every tensor of ``{name: tensor or None}`` on one device; else a ``ValueError`` that names the
+    arguments off the majority device (ties: the first argument's device wins) and lists them all."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    distinct = list(dict.fromkeys(devices.values()))
+    if len(distinct) <= 1:
+        return
+    votes = {d: sum(v == d for v in devices.values()) for d in distinct}
+    main = max(distinct, key=lambda d: votes[d])  # max keeps the first of equal counts
+    odd = [n for n, d in devices.items() if d != main]
+    where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+    verb = "is" if len(odd) == 1 else "are"
+    raise ValueError(f"{', '.join(odd)} {verb} not on {main} like the other inputs; every tensor must be on one "
+                     f"device (got {where})")
+
+
+def check_labels(labels) -> None:
+    _check_tensor("labels", labels)
+    if labels.dtype not in INT_DTYPES:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
 
 
 def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, device,
@@ -63,10 +98,15 @@ def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, d
 
     ``lead_shape`` is the input's shape without its last dim: ``(S, T)`` padded or ``(N,)`` packed.
     ``pairs=True`` requires an even number of sequences (chosen rows first, then rejected).
+
+    Host synchronizations (on CUDA): exactly two, both explicit through :func:`host_read`: one for all
+    data-dependent checks together (labels in range; cu_seqlens from 0 to N and monotone), one for the
+    number of completion tokens (``nonzero``). Only when that combined check fails are more values read,
+    to word the error. Sequence ids and offsets come from ``searchsorted`` (no ``bincount``, which syncs
+    for its output size, and no ``repeat_interleave`` without ``output_size``).
     """
+    check_labels(labels)
     _check_tensor("labels", labels, device)
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if tuple(labels.shape) != tuple(lead_shape):
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(lead_shape)} "
                          f"(the input's shape without its last dim)")
@@ -77,6 +117,7 @@ def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, d
                              f"cu_seqlens (pass cu_seqlens for the packed layout)")
         S, T = labels.shape
         num_rows = S * T
+        cu = None
     else:
         _check_tensor("cu_seqlens", cu_seqlens, device)
         if labels.dim() != 1:
@@ -87,31 +128,50 @@ def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, d
                             f"shape {tuple(cu_seqlens.shape)}")
         S = cu_seqlens.shape[0] - 1
         num_rows = labels.shape[0]
-        cu = cu_seqlens.long()
         if S < 1:
             raise ValueError("cu_seqlens must have at least 2 entries [S+1]")
-        if int(cu[0]) != 0 or int(cu[-1]) != num_rows:
-            raise ValueError(f"cu_seqlens must start at 0 and end at N={num_rows} (cover every row), "
-                             f"got {int(cu[0])}..{int(cu[-1])}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing (monotone)")
+        cu = cu_seqlens.long()
     if pairs and (S == 0 or S % 2 != 0):
         raise ValueError(f"the number of sequences must be even (P chosen then P rejected), got {S}")
     flat = labels.reshape(-1)
     mask = flat != ignore_index
-    bad = mask & ((flat < 0) | (flat >= vocab_size))
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
-                         f"found {int(flat[pos])} at flattened position {pos}")
-    token_idx = mask.nonzero().squeeze(1)
-    if cu_seqlens is None:
+    bad_label = mask & ((flat < 0) | (flat >= vocab_size))
+    # Every data-dependent check in one device-side flag, read once.
+    problem = bad_label.any()
+    if cu is not None:
+        problem = problem | (cu[0] != 0) | (cu[-1] != num_rows) | (cu[1:] < cu[:-1]).any()
+    if host_read(problem):
+        _raise_plan_error(flat, bad_label, cu, num_rows, vocab_size, ignore_index)
+    token_idx = mask.nonzero().squeeze(1)  # the one unavoidable sync: Nc sizes every plan tensor
+    if cu is None:
         seq_id = torch.div(token_idx, T, rounding_mode="floor")
+        bounds = torch.arange(S + 1, device=device, dtype=torch.int64) * T
     else:
-        seq_of_row = torch.repeat_interleave(torch.arange(S, device=device), cu[1:] - cu[:-1])
-        seq_id = seq_of_row[token_idx]
-    counts = torch.bincount(seq_id, minlength=S)
-    seq_offsets = torch.zeros(S + 1, dtype=torch.int64, device=device)
-    seq_offsets[1:] = torch.cumsum(counts, 0)
+        # Row r belongs to the last sequence s with cu[s] <= r (empty sequences own no row).
+        seq_id = torch.searchsorted(cu, token_idx, right=True) - 1
+        bounds = cu
+    # seq_offsets[s] = number of plan tokens on rows < bounds[s]; the plan is sorted by row.
+    seq_offsets = torch.searchsorted(token_idx, bounds)
+    counts = seq_offsets[1:] - seq_offsets[:-1]
     return TokenPlan(token_idx=token_idx, targets=flat[token_idx], seq_id=seq_id,
                      seq_offsets=seq_offsets, counts=counts, num_rows=num_rows)
+
+
+def host_read(flag: Tensor) -> bool:
+    """The plan's explicit device-to-host read of a 0-d flag (a sync on CUDA); tests count these."""
+    return bool(flag)
+
+
+def _raise_plan_error(flat, bad_label, cu, num_rows, vocab_size, ignore_index):
+    """Word the error of a failed combined check, in the order the checks are documented (cu_seqlens
+    ends, monotone, then labels). Only on the error path, so its extra reads cost nothing."""
+    if cu is not None:
+        first, last = int(cu[0]), int(cu[-1])
+        if first != 0 or last != num_rows:
+            raise ValueError(f"cu_seqlens must start at 0 and end at N={num_rows} (cover every row), "
+                             f"got {first}..{last}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing (monotone)")
+    pos = int(bad_label.nonzero()[0, 0])
+    raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
+                     f"found {int(flat[pos])} at flattened position {pos}")

@@ -8,14 +8,24 @@ import torch
 from torch import nn
 
 from .api import fused_linear_preference_loss, preference_loss
-from .config import PreferenceLossConfig
+from .config import PreferenceLossConfig, config_type_error
 from .output import PreferenceLossOutput
 
 
 class _PreferenceLossModule(nn.Module):
+    """``config``: a :class:`PreferenceLossConfig` (or None for the defaults); ``**options`` override its
+    fields. Anything else, a dict included, is a ``TypeError`` here, at construction (not on the first
+    call): build ``PreferenceLossConfig(**d)`` from a dict, which validates it. ``backend`` is checked
+    when the inputs' device is known (first call)."""
+
     def __init__(self, config: Optional[PreferenceLossConfig] = None, backend: Optional[str] = None, **options):
         super().__init__()
-        config = config or PreferenceLossConfig()
+        if config is None:
+            config = PreferenceLossConfig()
+        elif not isinstance(config, PreferenceLossConfig):
+            raise TypeError(config_type_error(config))
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         self.config = config.replace(**options) if options else config
         self.backend = backend
         # bco_pair's reward shift: the running mean of per-step mean rewards, as TRL's RunningMoments.
@@ -55,7 +65,8 @@ class FusedLinearPreferenceLoss(_PreferenceLossModule):
 class PreferenceLoss(_PreferenceLossModule):
     """Module form of :func:`spo_kernels.preference_loss` (logits already computed).
 
-    Note: with ``inplace_backward=True`` (default) the backward overwrites the logits buffer.
+    Note: with ``inplace_backward=True`` (default) the backward overwrites the logits buffer, when that is
+    safe (never a leaf; see :func:`spo_kernels.sequence_logprobs` for the rule).
     """
 
     def forward(self, logits, labels, **kwargs) -> PreferenceLossOutput:

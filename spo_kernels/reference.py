@@ -33,6 +33,7 @@ def reference_token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int,
     Computes in float64 for float64 input, else fp32 (the whole log-softmax is materialized)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     z = transform_logits(logits.to(dtype), softcap, temperature)
+    labels = labels.long()  # any integer dtype (gather needs int64)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -41,8 +42,10 @@ def reference_token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int,
 
 def reference_sequence_logprobs(token_logps: Tensor, labels: Tensor, ignore_index: int,
                                 cu_seqlens: Optional[Tensor] = None):
-    """Per-sequence sums and counts from per-token log-probs, padded ``[S, T]`` or packed ``[N]``."""
-    mask = labels != ignore_index
+    """Per-sequence sums (float64, SPEC 7) and counts from per-token log-probs, padded ``[S, T]`` or
+    packed ``[N]``."""
+    token_logps = token_logps.to(torch.float64)
+    mask = labels.long() != ignore_index
     if cu_seqlens is None:
         return token_logps.sum(-1), mask.sum(-1)
     bounds = cu_seqlens.tolist()
@@ -86,10 +89,12 @@ def reference_pair_loss(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preferen
         losses = -ls(b * cw - delta) - ls(-(b * cr - delta))
     elif lt == "sppo_hard":
         losses = (cw - 0.5 / b) ** 2 + (cr + 0.5 / b) ** 2
+    # TRL's 1 - sigmoid(u), written sigmoid(-u): the same value, but autograd of "1 - sigmoid" loses the
+    # gradient sig(u) sig(-u) to cancellation once sig(u) rounds near 1 (rel. 1e-3 at u = 30 in float64).
     elif lt == "apo_zero":
-        losses = (1 - torch.sigmoid(b * cw)) + torch.sigmoid(b * cr)
+        losses = torch.sigmoid(-b * cw) + torch.sigmoid(b * cr)
     elif lt == "apo_down":
-        losses = torch.sigmoid(b * cw) + (1 - torch.sigmoid(b * (cw - cr)))
+        losses = torch.sigmoid(b * cw) + torch.sigmoid(-b * (cw - cr))
     elif lt == "discopop":
         x = logits * b
         mod = torch.sigmoid(x / cfg.discopop_tau)
@@ -130,19 +135,17 @@ def reference_metrics(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preference
         L_b, R_b = L, R
     chosen = cfg.beta * (L_b[:P] - R_b[:P])
     rejected = cfg.beta * (L_b[P:] - R_b[P:])
-    nan = torch.tensor(float("nan"), dtype=L.dtype)
-    if anchor is not None:
-        ch = L[:P] / nc[:P] if cfg.spo_normalize == "mean" else L[:P]
-        arg = anchor.to(L.dtype) - ch + cfg.spo_margin
-        pen, act = torch.relu(arg).mean(), (arg > 0).to(L.dtype).mean()
-    else:
-        pen = act = nan
-    return {
+    metrics = {
         "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
         "rewards/margins": (chosen - rejected).mean(),
         "rewards/accuracies": (chosen > rejected).to(L.dtype).mean(),
         "logps/chosen": L_b[:P].mean(), "logps/rejected": L_b[P:].mean(),
         "nll": -L[:P].sum() / n_raw[:P].sum().clamp(min=1),
-        "spo/penalty": pen, "spo/active_fraction": act,
         "count/empty_completions": (n_raw == 0).sum().to(L.dtype),
     }
+    if cfg.spo_lambda > 0:  # the SPO metrics exist only with SPO on (SPEC 6)
+        ch = L[:P] / nc[:P] if cfg.spo_normalize == "mean" else L[:P]
+        arg = anchor.to(L.dtype) - ch + cfg.spo_margin
+        metrics["spo/penalty"] = torch.relu(arg).mean()
+        metrics["spo/active_fraction"] = (arg > 0).to(L.dtype).mean()
+    return metrics

@@ -270,12 +270,13 @@ def record_test_shapes() -> None:
     counts = _meta(S, dtype=torch.int64)
     for lt in LOSS_TYPES:
         cfg = PreferenceLossConfig(loss_type=lt, spo_lambda=1.0, sft_weight=0.1)
-        pol = _meta(S)
+        pol = _meta(S, dtype=torch.float64)  # the backends' per-sequence sums are float64
         LS.loss_step(pol, counts, _meta(S), cfg, anchor=_meta(S // 2))
+        LS.loss_step(_meta(S), counts, _meta(S), cfg, anchor=_meta(S // 2))  # fp32 sums (a caller's own)
         if lt in ("sigmoid", "ipo", "bco_pair"):
-            LS.loss_step(_meta(S, dtype=torch.float64), counts, None,
-                         PreferenceLossConfig(loss_type=lt, reference_free=True))
-            LS.loss_step(pol, counts, _meta(S), cfg, bco_delta=_meta() if lt == "bco_pair" else None)
+            LS.loss_step(pol, counts, None, PreferenceLossConfig(loss_type=lt, reference_free=True))
+            LS.loss_step(pol, counts, _meta(S), cfg.replace(spo_lambda=0.0),
+                         bco_delta=_meta() if lt == "bco_pair" else None)
 
 
 # The benchmark shapes G1 / G2: 8 pairs x 2048 tokens, half of each sequence completion.
@@ -302,7 +303,7 @@ def record_g1() -> None:
     LL.linear_backward(hidden, weight, None, plan, None, 1.0, lse, grad_seq, True, True, False)  # trainable
     LL.linear_backward(hidden, weight, None, plan, None, 1.0, lse, grad_seq, True, False, False)  # frozen head
     cfg = PreferenceLossConfig(loss_type="sigmoid", spo_lambda=1.0)  # DPO + SPO, reference anchor
-    LS.loss_step(_meta(S), plan.counts, _meta(S), cfg, anchor=_meta(S // 2))
+    LS.loss_step(_meta(S, dtype=torch.float64), plan.counts, _meta(S), cfg, anchor=_meta(S // 2))
 
 
 def record_g2() -> None:

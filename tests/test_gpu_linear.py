@@ -132,7 +132,7 @@ def logprobs_case(hidden2d, weight, bias, plan, grad_seq, *, softcap=None, tempe
     """Forward + backward of the op pair against the oracle; returns the Triton grads."""
     seq, lse = LL.linear_forward(hidden2d, weight, bias, plan, softcap, temperature, save_lse=True)
     ref_seq, ref_lse = oracle_forward(hidden2d, weight, bias, plan, softcap, temperature, chunk)
-    assert seq.dtype == torch.float32 and lse.dtype == torch.float32
+    assert seq.dtype == torch.float64 and lse.dtype == torch.float32  # sums in float64 (SPEC 7)
     assert rel_err(seq, ref_seq) <= lp_tol, f"seq logps: {rel_err(seq, ref_seq):.3e}"
     assert rel_err(lse, ref_lse) <= lp_tol
     grads = LL.linear_backward(hidden2d, weight, bias, plan, softcap, temperature, lse, grad_seq, True, need_weight,

@@ -136,7 +136,7 @@ def test_g2_shape_bf16_forward_backward():
 
     seq, lse = logits_forward(logits, plan, None, 1.0)
     seq64, lse64 = chunked_reference_forward(logits, plan)
-    assert seq.dtype == torch.float32
+    assert seq.dtype == torch.float64  # sums in float64 (SPEC 7)
     assert_rel(seq, seq64, 1e-5, "seq_logps")
     assert_rel(lse, lse64, 1e-5, "lse")
     seq_again, _ = logits_forward(logits, plan, None, 1.0)
@@ -165,7 +165,8 @@ def test_g2_dpo_end_to_end_in_place():
     loss64 = ref.reference_pair_loss(L64, plan.counts, ref_logps.double(), PreferenceLossConfig(beta=0.1))
     loss64.backward()
 
-    x = logits.requires_grad_(True)
+    x = logits.requires_grad_(True) * 1  # a non-leaf: a leaf is never overwritten (SPEC 6)
+    x.retain_grad()
     out = sk.preference_loss(x, labels, cu_seqlens=cu, ref_logps=ref_logps, beta=0.1)
     assert torch.isfinite(out.loss)
     assert abs(float(out.loss) - float(loss64)) <= 1e-3 * abs(float(loss64))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spo_kernels import LOSS_TYPES, METRIC_NAMES, PreferenceLossConfig
-from spo_kernels.losses import preference_loss_step
+from spo_kernels.losses import SPO_METRIC_NAMES, preference_loss_step
 from spo_kernels.reference import reference_metrics, reference_pair_loss
 
 SPO_SETTINGS = {
@@ -52,8 +52,9 @@ def test_closed_form_matches_autograd(loss_type, spo):
         torch.testing.assert_close(step.loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(step.grad, ref_grad, rtol=1e-9, atol=1e-12)
         ref_m = reference_metrics(L, n, R, cfg, anchor)
-        assert set(step.metrics) == set(METRIC_NAMES) == set(ref_m)
-        for k in METRIC_NAMES:
+        names = [k for k in METRIC_NAMES if cfg.spo_lambda > 0 or k not in SPO_METRIC_NAMES]
+        assert set(step.metrics) == set(names) == set(ref_m)
+        for k in names:
             torch.testing.assert_close(step.metrics[k], ref_m[k], rtol=1e-10, atol=1e-12, equal_nan=True)
 
 
@@ -84,10 +85,18 @@ def test_spo_kink_takes_zero_gradient():
     assert float(at_kink.metrics["spo/active_fraction"]) == 0.0
 
 
-def test_spo_metrics_are_nan_without_anchor():
-    L, n, R, _ = _inputs()
-    step = preference_loss_step(L, n, R, PreferenceLossConfig(), None)
-    assert torch.isnan(step.metrics["spo/penalty"]) and torch.isnan(step.metrics["spo/active_fraction"])
+def test_spo_metrics_only_when_spo_is_on():
+    """SPEC 6: spo/penalty and spo/active_fraction exist only when spo_lambda > 0 (an anchor alone does
+    not turn them on); SPO on without an anchor is an error, never a silently missing penalty."""
+    L, n, R, anchor = _inputs()
+    for a in (None, anchor):
+        step = preference_loss_step(L, n, R, PreferenceLossConfig(), a)
+        assert not set(SPO_METRIC_NAMES) & set(step.metrics)
+        assert not set(SPO_METRIC_NAMES) & set(reference_metrics(L, n, R, PreferenceLossConfig(), a))
+    on = preference_loss_step(L, n, R, PreferenceLossConfig(spo_lambda=0.5), anchor)
+    assert set(SPO_METRIC_NAMES) <= set(on.metrics)
+    with pytest.raises(ValueError, match="anchor"):
+        preference_loss_step(L, n, R, PreferenceLossConfig(spo_lambda=0.5), None)
 
 
 def test_empty_completions_are_counted_not_nan():

@@ -64,7 +64,9 @@ def test_trainer_runs_a_few_steps(data_file, tmp_path, overrides):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in records)
     if cfg.objective == "preference":
-        assert {"rewards/margins", "logps/chosen", "logps/rejected", "spo/penalty"} <= set(records[0])
+        assert {"rewards/margins", "logps/chosen", "logps/rejected"} <= set(records[0])
+        # SPEC 6: the SPO metrics are logged exactly when SPO is on.
+        assert ("spo/penalty" in records[0]) == (cfg.spo_lambda > 0)
         # Before the first update the policy is the reference: zero margin, loss log(2).
         assert records[0]["loss"] == pytest.approx(math.log(2) + (records[0]["spo/penalty"]
                                                                   if cfg.spo_lambda else 0.0), abs=1e-5)

@@ -18,7 +18,7 @@ from spo_kernels import reference as ref  # noqa: E402
 from spo_kernels.config import LOSS_TYPES, PreferenceLossConfig  # noqa: E402
 from spo_kernels.kernels import loss_step as loss_step_mod  # noqa: E402
 from spo_kernels.kernels.loss_step import loss_step  # noqa: E402
-from spo_kernels.losses import METRIC_NAMES, preference_loss_step  # noqa: E402
+from spo_kernels.losses import METRIC_NAMES, SPO_METRIC_NAMES, preference_loss_step  # noqa: E402
 from batches import assert_close_scalar as assert_scalar
 
 LOSS_RTOL = 1e-5   # SPEC 7, fp32
@@ -86,13 +86,19 @@ def rel_norm(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def expected_metric_names(cfg):
+    """SPEC 6: the SPO metrics exist exactly when spo_lambda > 0."""
+    return tuple(n for n in METRIC_NAMES if cfg.spo_lambda > 0 or n not in SPO_METRIC_NAMES)
+
+
 def check_step(step, L, n, R, cfg, anchor=None, bco_delta=None, rtol=LOSS_RTOL, grad_rtol=GRAD_RTOL):
     """The kernel's LossStep against the float64 oracle and the torch closed form."""
     P = L.shape[0] // 2
     acc = torch.promote_types(L.dtype, torch.float32)
     assert step.loss.dim() == 0 and step.loss.dtype == acc
     assert step.grad.shape == (2 * P,) and step.grad.dtype == acc
-    assert tuple(step.metrics) == METRIC_NAMES
+    names = expected_metric_names(cfg)
+    assert tuple(step.metrics) == names
 
     loss64, grad64, metrics64 = oracle(L, n, R, cfg, anchor, bco_delta)
     assert_scalar(step.loss, loss64, rtol, "loss")
@@ -102,7 +108,8 @@ def check_step(step, L, n, R, cfg, anchor=None, bco_delta=None, rtol=LOSS_RTOL, 
     basis = L.double() / nc if cfg.mean_basis else L.double()
     rbasis = torch.zeros_like(basis) if R is None else (R.double() / nc if cfg.mean_basis else R.double())
     size = float(torch.cat([basis, rbasis]).abs().max())
-    for name in METRIC_NAMES:
+    assert set(metrics64) == set(names)
+    for name in names:
         scale = {"rewards/accuracies": 0.0, "count/empty_completions": 0.0}.get(
             name, cfg.beta * size if name.startswith("rewards/") else size)
         assert_scalar(step.metrics[name], metrics64[name], rtol, name, scale)
@@ -117,8 +124,8 @@ def check_step(step, L, n, R, cfg, anchor=None, bco_delta=None, rtol=LOSS_RTOL, 
 # ---------------------------------------------------------------------------------------------------
 
 SPO_SETTINGS = {
-    "off": {},                                                     # no anchor: SPO metrics NaN
-    "metrics_only": {"spo_lambda": 0.0},                           # anchor known, lambda 0
+    "off": {},                                                     # no anchor: no SPO metrics
+    "anchor_ignored": {"spo_lambda": 0.0},                         # anchor given, lambda 0: still off
     "mean": {"spo_lambda": 1.0, "spo_margin": 0.05},               # per-token penalty
     "sum": {"spo_lambda": 0.5, "spo_margin": -0.2, "spo_normalize": "sum"},
 }
@@ -135,8 +142,8 @@ def test_every_loss_type_and_spo_setting(loss_type, spo):
     anchor = None if spo == "off" else spo_anchor(cfg, L, n, P, seed=seed)
     step = loss_step(L, n, R, cfg, anchor)
     check_step(step, L, n, R, cfg, anchor)
-    if spo == "off":
-        assert torch.isnan(step.metrics["spo/penalty"]) and torch.isnan(step.metrics["spo/active_fraction"])
+    if cfg.spo_lambda == 0:
+        assert not set(SPO_METRIC_NAMES) & set(step.metrics)
     else:
         frac = float(step.metrics["spo/active_fraction"])
         assert 0.0 < frac < 1.0, "inputs should have some active and some inactive SPO pairs"
@@ -165,7 +172,7 @@ def test_reference_free_losses_without_ref(loss_type):
     L, n, _ = make_inputs(4, seed=31)
     step = loss_step(L, n, None, cfg)
     check_step(step, L, n, None, cfg)
-    assert torch.isnan(step.metrics["spo/penalty"])
+    assert "spo/penalty" not in step.metrics
 
 
 def test_bco_pair_given_delta():

@@ -2,8 +2,9 @@
 
 Every backend implements the ops below on a :class:`~spo_kernels.layout.TokenPlan` (only the
 completion tokens, compacted). Log-probs and LSEs are fp32 (float64 for float64 inputs); the
-per-sequence sums ``seq_logps`` are fp32 or float64 (a backend may accumulate them in float64; the
-loss step computes in the precision it is given and the public outputs are fp32).
+per-sequence sums ``seq_logps`` are float64 on every backend (SPEC 7: a DPO loss is a function of
+differences of large sums, and fp32 sums of 8k log-probs cost ~5e-4 of it), the loss step computes in
+the precision it is given (float64) and the public outputs are fp32.
 
 - ``logits_forward(logits [N,V], plan, softcap, temperature) -> (seq_logps [S], lse [Nc])``
 - ``logits_backward(logits [N,V], plan, softcap, temperature, lse [Nc], grad_seq [S], out [N,V])``:

@@ -16,8 +16,8 @@ Same four ops and semantics as the ``torch`` backend (:mod:`.torch_chunked`), on
   backward is a scaling by ``g`` (three GEMMs per step with a reference head instead of four).
 
 Always deterministic (fixed blocking and order, no atomics) and exact (``grad_filter_eps`` is
-accepted and ignored). bf16/fp16 operands are upcast to fp32 per tile; LSEs, log-probs and sums are
-fp32 (float64 for float64 inputs). Other dtypes fall back to the ``torch`` backend.
+accepted and ignored). bf16/fp16 operands are upcast to fp32 per tile; LSEs and log-probs are fp32
+(float64 for float64 inputs), per-sequence sums float64. Other dtypes fall back to the ``torch`` backend.
 """
 
 from __future__ import annotations

@@ -458,11 +458,12 @@ def _merge_segments_kernel(
     SAVE_LSE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Program s: walk plan entries ``[seq_offsets[s], seq_offsets[s+1])`` in order, merge the split
-    partials into ``lse``, and sum ``logp = z_y - lse`` into ``L_s`` (0 for an empty sequence)."""
+    partials into ``lse``, and sum ``logp = z_y - lse`` (fp32) into ``L_s`` in float64 (SPEC 7; 0 for an
+    empty sequence)."""
     seq = tl.program_id(0)
     start = tl.load(seq_offsets_ptr + seq)
     end = tl.load(seq_offsets_ptr + seq + 1)
-    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_T,), dtype=tl.float64)
     for t0 in range(start, end, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         mask = rows < end
@@ -483,7 +484,7 @@ def _merge_segments_kernel(
         lse = big_m + tl.log(sum_exp)
         if SAVE_LSE:
             tl.store(lse_ptr + rows, lse, mask=mask)
-        total += tl.where(mask, tgt - lse, 0.0)
+        total += tl.where(mask, (tgt - lse).to(tl.float64), 0.0)
     tl.store(seq_logps_ptr + seq, tl.sum(total, axis=0))
 
 
@@ -524,7 +525,7 @@ def linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse):
         softcap: float or None; temperature: float > 0.
         save_lse: also return the per-token log-sum-exp (needed by backward).
     Returns:
-        ``(seq_logps [S] fp32, lse [Nc] fp32 or None)``.
+        ``(seq_logps [S] float64, lse [Nc] fp32 or None)``.
     """
     hidden, weight, bias = _prep(hidden, weight, bias)
     device = hidden.device
@@ -532,7 +533,7 @@ def linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse):
     V, H = weight.shape
     if Nc == 0:
         lse = torch.empty(0, dtype=torch.float32, device=device) if save_lse else None
-        return torch.zeros(S, dtype=torch.float32, device=device), lse
+        return torch.zeros(S, dtype=torch.float64, device=device), lse
     cfg = kernel_config(hidden.dtype, device=device, Nc=Nc, H=H)
     fwd = cfg.launch("linear_fwd")
     num_tb = triton.cdiv(Nc, fwd["BLOCK_N"])
@@ -545,7 +546,7 @@ def linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse):
     group = max(1, sms // splits)
     parts = _empty((3, splits, Nc), torch.float32, device)
     lse = _empty((Nc,), torch.float32, device) if save_lse else parts
-    seq_logps = _empty((S,), torch.float32, device)
+    seq_logps = _empty((S,), torch.float64, device)  # per-sequence sums in float64 (SPEC 7)
     softcap_v, inv_temp = _softcap_args(softcap, temperature)
     token_idx = plan.token_idx.contiguous()
     targets = plan.targets.contiguous()

@@ -16,7 +16,8 @@ further kernels). The work is ``O(P)`` scalars: one program is enough (P is at m
 
 Numerics: compute dtype fp32 (float64 when ``policy_logps`` is float64, as the torch loss step does);
 ``logsig(x) = min(x, 0) - log1p(exp(-|x|))`` and ``sig`` in the branch-free stable form; DiscoPOP's
-``exp(-x) sig(x / tau)`` as ``exp(-x + logsig(x / tau))``. Scalar options reach the kernel as fp32.
+``exp(-x) sig(x / tau)`` as ``exp(-x + logsig(x / tau))``; APO's ``1 - sig(u)`` as ``sig(-u)``; EXO's KL in
+its Bregman form near the optimum (no cancellation). Scalar options reach the kernel as fp32.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..losses import METRIC_NAMES, LossStep
+from ..losses import METRIC_NAMES, SPO_METRIC_NAMES, LossStep
 
 Tensor = torch.Tensor
 
@@ -69,6 +70,36 @@ def _sigmoid(x):
     """``sig(x)`` as ``1 / (1 + e)`` (x >= 0) or ``e / (1 + e)`` (x < 0), ``e = exp(-|x|)`` in (0, 1]."""
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _expm1_minus_x(a):
+    """``expm1(a) - a`` for |a| <= 1/2 without cancellation: ``a^2 sum_(k>=2) a^(k-2) / k!`` to k = 17
+    (float64-accurate; :func:`spo_kernels.losses.expm1_minus_x`)."""
+    return a * a * (0.5 + a * (0.16666666666666666 + a * (0.041666666666666664 + a * (0.008333333333333333 + a * (0.001388888888888889 + a * (0.0001984126984126984 + a * (2.48015873015873e-05 + a * (2.7557319223985893e-06 + a * (2.755731922398589e-07 + a * (2.505210838544172e-08 + a * (2.08767569878681e-09 + a * (1.6059043836821613e-10 + a * (1.1470745597729725e-11 + a * (7.647163731819816e-13 + a * (4.779477332387385e-14 + a * (2.8114572543455206e-15))))))))))))))))
+
+
+@triton.jit
+def _log1p_minus_x(w):
+    """``log1p(w) - w`` for |w| <= 1/3 without cancellation: ``s = w / (2 + w)``,
+    ``-2 s^2 / (1 - s) + 2 (atanh(s) - s)`` (:func:`spo_kernels.losses.log1p_minus_x`)."""
+    s = w / (2.0 + w)
+    s2 = s * s
+    return -2.0 * s2 / (1.0 - s) + 2.0 * s2 * s * (0.3333333333333333 + s2 * (0.2 + s2 * (0.14285714285714285 + s2 * (0.1111111111111111 + s2 * (0.09090909090909091 + s2 * (0.07692307692307693 + s2 * (0.06666666666666667 + s2 * (0.058823529411764705 + s2 * (0.05263157894736842 + s2 * (0.047619047619047616 + s2 * (0.043478260869565216)))))))))))
+
+
+@triton.jit
+def _exo_kl(x, exo_log_1me, exo_log_e):
+    """EXO's ``KL(Bern(sig(x)) || Bern(1 - e))``, stable at its optimum (:func:`spo_kernels.losses.exo_kl`):
+    near ``x* = log(1-e) - log e`` the Bregman form of softplus, elsewhere the direct one."""
+    direct = _sigmoid(x) * (_logsigmoid(x) - exo_log_1me) + _sigmoid(-x) * (_logsigmoid(-x) - exo_log_e)
+    d = x - (exo_log_1me - exo_log_e)
+    r = _sigmoid(-tl.abs(x))
+    a = tl.where(x >= 0, d, -d)
+    a = tl.minimum(tl.maximum(a, -0.5), 0.5)
+    em = _expm1_minus_x(a)
+    near = _log1p_minus_x(r * (a + em)) + r * em
+    return tl.where(tl.abs(d) < 0.5, near, direct)
 
 
 @triton.jit
@@ -120,11 +151,10 @@ def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, 
         dpw = 2.0 * u
         dpl = -2.0 * u
     elif LOSS == "exo_pair":
-        # sig(x)(logsig(x) - log(1-e)) + sig(-x)(logsig(-x) - log e);  d/dx = sig(x) sig(-x) (x - log(1-e) + log e)
-        p = _sigmoid(x)
-        q = _sigmoid(-x)
-        loss = p * (_logsigmoid(x) - exo_log_1me) + q * (_logsigmoid(-x) - exo_log_e)
-        dx = p * q * (x - exo_log_1me + exo_log_e)
+        # sig(x)(logsig(x) - log(1-e)) + sig(-x)(logsig(-x) - log e), stable at its optimum (_exo_kl);
+        # d/dx = sig(x) sig(-x) (x - log(1-e) + log e)
+        loss = _exo_kl(x, exo_log_1me, exo_log_e)
+        dx = _sigmoid(x) * _sigmoid(-x) * (x - exo_log_1me + exo_log_e)
         dpw = beta * dx
         dpl = -beta * dx
     elif LOSS == "nca_pair":
@@ -149,17 +179,17 @@ def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, 
         dpw = 2.0 * a
         dpl = 2.0 * c
     elif LOSS == "apo_zero":
-        # 1 - sig(u_w) + sig(u_l);  sig' = sig(u) sig(-u)
+        # 1 - sig(u_w) + sig(u_l) as sig(-u_w) + sig(u_l) (no cancellation near the optimum);  sig' = sig(u) sig(-u)
         uw = beta * (pw - rw)
         ul = beta * (pl - rl)
-        loss = 1.0 - _sigmoid(uw) + _sigmoid(ul)
+        loss = _sigmoid(-uw) + _sigmoid(ul)
         dpw = -beta * _sigmoid(uw) * _sigmoid(-uw)
         dpl = beta * _sigmoid(ul) * _sigmoid(-ul)
     elif LOSS == "apo_down":
-        # sig(u_w) + 1 - sig(x)
+        # sig(u_w) + 1 - sig(x) as sig(u_w) + sig(-x) (no cancellation near the optimum)
         uw = beta * (pw - rw)
         dx = -beta * _sigmoid(x) * _sigmoid(-x)
-        loss = _sigmoid(uw) + 1.0 - _sigmoid(x)
+        loss = _sigmoid(uw) + _sigmoid(-x)
         dpw = beta * _sigmoid(uw) * _sigmoid(-uw) + dx
         dpl = -dx
     elif LOSS == "discopop":
@@ -214,14 +244,14 @@ def _loss_step_kernel(
     policy_ptr,      # [2P] L_s, chosen first
     counts_ptr,      # [2P] n_s (any int or float dtype)
     ref_ptr,         # [2P] R_s (read only when HAS_REF)
-    anchor_ptr,      # [P] SPO anchor (read only when HAS_ANCHOR)
+    anchor_ptr,      # [P] SPO anchor (read only when USE_SPO)
     bco_delta_ptr,   # [1] bco_pair shift (read only when HAS_BCO_DELTA)
     grad_ptr,        # [2P] out: g_s = dloss/dL_s
     result_ptr,      # [len(_RESULT_SLOTS)] out: loss, then the metrics
     P,
     beta, eps, gamma, dpop_k, rdpo_a, tau, exo_log_1me, exo_log_e,
     sft_weight, spo_lambda, spo_margin,
-    LOSS: tl.constexpr, MEAN_BASIS: tl.constexpr, HAS_REF: tl.constexpr, HAS_ANCHOR: tl.constexpr,
+    LOSS: tl.constexpr, MEAN_BASIS: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_BCO_DELTA: tl.constexpr, USE_SFT: tl.constexpr, USE_SPO: tl.constexpr, SPO_MEAN: tl.constexpr,
     NEED_TOTALS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -293,7 +323,7 @@ def _loss_step_kernel(
         gl = dpl * scale_l * inv_P
         if USE_SFT:
             gw -= sft_weight / chosen_tokens  # d/dL_w of sft_weight * (-sum L_w / sum n_w)
-        if HAS_ANCHOR:
+        if USE_SPO:
             a = tl.load(anchor_ptr + i, mask=valid, other=0.0).to(ACC)
             if SPO_MEAN:
                 arg = a - Lw / nw + spo_margin
@@ -302,11 +332,10 @@ def _loss_step_kernel(
             active = arg > 0  # the kink at exactly 0 takes gradient 0
             pen_acc += tl.where(valid, tl.maximum(arg, 0.0), 0.0)
             active_acc += tl.where(valid & active, 1.0, 0.0)
-            if USE_SPO:
-                if SPO_MEAN:
-                    gw -= tl.where(active, spo_lambda * inv_P / nw, 0.0)
-                else:
-                    gw -= tl.where(active, spo_lambda * inv_P, 0.0)
+            if SPO_MEAN:
+                gw -= tl.where(active, spo_lambda * inv_P / nw, 0.0)
+            else:
+                gw -= tl.where(active, spo_lambda * inv_P, 0.0)
         tl.store(grad_ptr + i, gw, mask=valid)
         tl.store(grad_ptr + P + i, gl, mask=valid)
 
@@ -328,12 +357,11 @@ def _loss_step_kernel(
     loss = tl.sum(loss_acc, axis=0) * inv_P
     if USE_SFT:
         loss += sft_weight * nll
-    if HAS_ANCHOR:
+    if USE_SPO:
         penalty = tl.sum(pen_acc, axis=0) * inv_P
         active_fraction = tl.sum(active_acc, axis=0) * inv_P
-        if USE_SPO:
-            loss += spo_lambda * penalty
-    else:
+        loss += spo_lambda * penalty
+    else:  # slots written (NaN) but not returned: the SPO metrics exist only with SPO on
         penalty = float("nan")
         active_fraction = float("nan")
     tl.store(result_ptr + 0, loss)
@@ -362,7 +390,8 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
 
     Args and result: as :func:`spo_kernels.losses.preference_loss_step`: ``policy_logps [2P]`` summed
     completion log-probs (chosen first), ``counts [2P]`` completion lengths, ``ref_logps [2P]`` or None,
-    ``anchor [P]`` (per-token or summed per ``cfg.spo_normalize``) or None (SPO metrics NaN),
+    ``anchor [P]`` (per-token or summed per ``cfg.spo_normalize``; needed when ``spo_lambda > 0``, which is also
+    when the SPO metrics exist),
     ``bco_delta`` a scalar tensor or None (batch mean). Returns :class:`LossStep` with ``loss`` (0-d),
     ``grad [2P]`` and the metrics (0-d views of one result buffer), fp32 (float64 for float64 log-probs).
     """
@@ -382,8 +411,11 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
     has_ref = ref_logps is not None and not ref_free
     if has_ref and tuple(ref_logps.shape) != (S,):
         raise ValueError(f"ref_logps must be [{S}], got {tuple(ref_logps.shape)}")
-    has_anchor = anchor is not None
-    if has_anchor and tuple(anchor.shape) != (P,):
+    # SPO (penalty, gradient and its two metrics) only when spo_lambda > 0 (SPEC 6).
+    use_spo = cfg.spo_lambda > 0
+    if use_spo and anchor is None:
+        raise ValueError("spo_lambda > 0 needs the SPO anchor [P] (from the reference log-probs or given)")
+    if use_spo and tuple(anchor.shape) != (P,):
         raise ValueError(f"anchor must be [{P}], got {tuple(anchor.shape)}")
     has_bco_delta = cfg.loss_type == "bco_pair" and bco_delta is not None
     if has_bco_delta and bco_delta.numel() != 1:
@@ -393,7 +425,7 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
     policy = policy_logps.detach().contiguous()
     counts_c = counts.detach().contiguous()
     ref = ref_logps.detach().contiguous() if has_ref else policy
-    anchor_c = anchor.detach().contiguous() if has_anchor else policy
+    anchor_c = anchor.detach().contiguous() if use_spo else policy
     bco_c = bco_delta.detach().reshape(1) if has_bco_delta else policy
 
     use_sft = cfg.sft_weight > 0
@@ -405,10 +437,11 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
         float(cfg.beta), float(cfg.label_smoothing), float(cfg.simpo_gamma), float(cfg.dpop_lambda),
         float(cfg.rdpo_alpha), float(cfg.discopop_tau), math.log1p(-exo_e), math.log(exo_e),
         float(cfg.sft_weight), float(cfg.spo_lambda), float(cfg.spo_margin),
-        LOSS=cfg.loss_type, MEAN_BASIS=cfg.mean_basis, HAS_REF=has_ref, HAS_ANCHOR=has_anchor,
-        HAS_BCO_DELTA=has_bco_delta, USE_SFT=use_sft, USE_SPO=has_anchor and cfg.spo_lambda > 0,
+        LOSS=cfg.loss_type, MEAN_BASIS=cfg.mean_basis, HAS_REF=has_ref,
+        HAS_BCO_DELTA=has_bco_delta, USE_SFT=use_sft, USE_SPO=use_spo,
         SPO_MEAN=cfg.spo_normalize == "mean", NEED_TOTALS=use_sft or bco_batch_mean, ACC=acc_tl,
         BLOCK_P=_block_p(P), num_warps=4,
     )
-    metrics = {name: result[_RESULT_SLOTS.index(name)] for name in METRIC_NAMES}
+    metrics = {name: result[_RESULT_SLOTS.index(name)] for name in METRIC_NAMES
+               if use_spo or name not in SPO_METRIC_NAMES}
     return LossStep(loss=result[0], grad=grad, metrics=metrics)
