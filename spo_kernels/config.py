@@ -83,12 +83,19 @@ class PreferenceLossConfig:
     @property
     def needs_reference(self) -> bool:
         """True when the base loss or the SPO anchor reads reference log-probs."""
-        base = self.loss_type in REFERENCE_LOSSES and not self.reference_free
+        base = not self.base_reference_free
         anchor = self.spo_lambda > 0 and self.spo_anchor == "reference"
         return base or anchor
 
     @property
+    def base_reference_free(self) -> bool:
+        """True when the base loss uses R = 0: ``reference_free=True`` or a loss of
+        ``REFERENCE_FREE_LOSSES`` (the SPO "reference" anchor may still read R)."""
+        return self.reference_free or self.loss_type in REFERENCE_FREE_LOSSES
+
+    @property
     def mean_basis(self) -> bool:
+        """True for ``MEAN_BASIS_LOSSES``: the base loss sees per-token mean log-probs."""
         return self.loss_type in MEAN_BASIS_LOSSES
 
     def validate(self) -> None:

@@ -292,7 +292,7 @@ def preference_loss_step(
     P = S // 2
     n_raw = counts.to(dtype)
     n = n_raw.clamp(min=1.0)  # an empty completion counts as length 1 in every mean (SPEC 7)
-    ref_free = cfg.reference_free or cfg.loss_type in ("simpo", "cpo")
+    ref_free = cfg.base_reference_free
     R = torch.zeros_like(L) if (ref_logps is None or ref_free) else ref_logps.detach().to(dtype)
 
     # Basis: mean-basis losses see per-token means; chain rule d/dL = d/dp / n below.

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .config import PreferenceLossConfig
+from .config import MEAN_BASIS_LOSSES, REFERENCE_FREE_LOSSES, PreferenceLossConfig
 
 Tensor = torch.Tensor
 
@@ -62,10 +62,10 @@ def reference_pair_loss(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preferen
     nc = n_raw.clamp(min=1)
     b, e = cfg.beta, cfg.label_smoothing
     lt = cfg.loss_type
-    if R is None or cfg.reference_free or lt in ("simpo", "cpo"):
+    if R is None or cfg.reference_free or lt in REFERENCE_FREE_LOSSES:
         R = torch.zeros_like(L)
     Lw, Ll, Rw, Rl = L[:P], L[P:], R[:P], R[P:]
-    if lt in ("ipo", "simpo"):
+    if lt in MEAN_BASIS_LOSSES:
         Lw, Ll, Rw, Rl = Lw / nc[:P], Ll / nc[P:], Rw / nc[:P], Rl / nc[P:]
     cw, cr = Lw - Rw, Ll - Rl
     logits = cw - cr
@@ -127,9 +127,9 @@ def reference_metrics(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preference
     P = L.shape[0] // 2
     n_raw = n.to(L.dtype)
     nc = n_raw.clamp(min=1)
-    ref_free = R is None or cfg.reference_free or cfg.loss_type in ("simpo", "cpo")
+    ref_free = R is None or cfg.reference_free or cfg.loss_type in REFERENCE_FREE_LOSSES
     R = torch.zeros_like(L) if ref_free else R.detach().to(L.dtype)
-    if cfg.loss_type in ("ipo", "simpo"):
+    if cfg.loss_type in MEAN_BASIS_LOSSES:
         L_b, R_b = L / nc, R / nc
     else:
         L_b, R_b = L, R
