@@ -11,9 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from . import reference as ref_impl
 from .autograd import ClosedFormLoss, LinearSequenceLogprobs, LogitsSequenceLogprobs
-from .backends import get_backend, resolve_backend_name
+from .backends import Backend, get_backend, resolve_backend_name
 from .config import PreferenceLossConfig, check_bool, config_type_error
 from .layout import TokenPlan, build_plan, check_float, check_same_device
 from .output import PreferenceLossOutput, SequenceLogprobs
@@ -152,8 +151,8 @@ def sequence_logprobs(
     PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)  # validates
     plan = build_plan(labels, logits.shape[-1], ignore_index, logits.shape[:-1], logits.device,
                       cu_seqlens, pairs=False)
-    logps = _logits_logprobs(logits, plan, backend, softcap, temperature, inplace_backward, labels, cu_seqlens,
-                             ignore_index)
+    impl = get_backend(resolve_backend_name(backend, logits.device))
+    logps = _logits_logprobs(logits, plan, impl, softcap, temperature, inplace_backward)
     return SequenceLogprobs(logps=logps.to(_out_dtype(logits)), counts=plan.counts)
 
 
@@ -190,19 +189,18 @@ def fused_linear_sequence_logprobs(
     _check_kernel_options(deterministic, grad_filter_eps)
     plan = build_plan(labels, weight.shape[0], ignore_index, hidden.shape[:-1], hidden.device,
                       cu_seqlens, pairs=False)
-    logps = _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens,
-                             ignore_index, deterministic, grad_filter_eps)
+    impl = get_backend(resolve_backend_name(backend, hidden.device))
+    logps = _linear_logprobs(hidden, weight, bias, plan, impl, softcap, temperature, deterministic, grad_filter_eps)
     return SequenceLogprobs(logps=logps.to(_out_dtype(hidden)), counts=plan.counts)
 
 
-def _logits_logprobs(logits, plan, backend, softcap, temperature, inplace, labels, cu_seqlens, ignore_index):
-    name = resolve_backend_name(backend, logits.device)
-    if name == "reference":
-        tok = ref_impl.reference_token_logprobs(logits, labels, ignore_index, softcap, temperature)
-        return ref_impl.reference_sequence_logprobs(tok, labels, ignore_index, cu_seqlens)[0]
-    impl = get_backend(name)
-    if not torch.is_grad_enabled() or not logits.requires_grad:
-        return impl.logits_forward(logits.reshape(plan.num_rows, logits.shape[-1]), plan, softcap, temperature)[0]
+def _logits_logprobs(logits, plan, impl, softcap, temperature, inplace):
+    """``L [S]`` from the backend's logits ops: inside the autograd Function when a gradient is wanted and
+    the backend has a backward of its own, else its forward op alone (an autograd backend's graph is
+    kept by autograd)."""
+    logits2d = logits.reshape(plan.num_rows, logits.shape[-1])
+    if impl.autograd or not (torch.is_grad_enabled() and logits.requires_grad):
+        return impl.logits_forward(logits2d, plan, softcap, temperature)[0]
     return LogitsSequenceLogprobs.apply(logits, plan, impl, softcap, temperature, inplace)
 
 
@@ -218,20 +216,12 @@ def _check_kernel_options(deterministic, grad_filter_eps):
         raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
 
 
-def _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, labels, cu_seqlens, ignore_index,
-                     deterministic=False, grad_filter_eps=0.0):
-    name = resolve_backend_name(backend, hidden.device)
-    if name == "reference":
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        z = hidden.to(dtype) @ weight.to(dtype).t()
-        if bias is not None:
-            z = z + bias.to(dtype)
-        tok = ref_impl.reference_token_logprobs(z, labels, ignore_index, softcap, temperature)
-        return ref_impl.reference_sequence_logprobs(tok, labels, ignore_index, cu_seqlens)[0]
-    impl = get_backend(name)
+def _linear_logprobs(hidden, weight, bias, plan, impl, softcap, temperature, deterministic=False,
+                     grad_filter_eps=0.0):
+    """``L [S]`` from the backend's fused-linear ops (as :func:`_logits_logprobs`)."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not needs_grad:
+    if impl.autograd or not needs_grad:
         return impl.linear_forward(hidden.reshape(plan.num_rows, hidden.shape[-1]), weight, bias, plan,
                                    softcap, temperature, save_lse=False)[0]
     return LinearSequenceLogprobs.apply(hidden, weight, bias, plan, impl, softcap, temperature,
@@ -242,7 +232,7 @@ def _linear_logprobs(hidden, weight, bias, plan, backend, softcap, temperature, 
 # preference losses
 # ---------------------------------------------------------------------------------------------
 
-def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, backend_name,
+def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, impl: Backend,
             out_dtype) -> PreferenceLossOutput:
     """The loss step on the per-sequence sums (in the precision the backend summed them in: a DPO loss
     is a function of differences of large sums), then the public fp32 results."""
@@ -260,13 +250,13 @@ def _finish(policy_logps, plan: TokenPlan, ref_logps, cfg, anchor, bco_delta, ba
         with torch.no_grad():
             R = 0.0 if (ref_logps is None or cfg.reference_free) else ref_logps.to(policy_logps.dtype)
             bco_delta = torch.as_tensor(bco_delta((cfg.beta * (policy_logps.detach() - R)).mean()))
-    if backend_name == "reference":
-        loss = ref_impl.reference_pair_loss(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
-        metrics = ref_impl.reference_metrics(policy_logps, counts, ref_logps, cfg, anchor)
-    else:
-        step = get_backend(backend_name).loss_step(policy_logps.detach(), counts, ref_logps, cfg, anchor, bco_delta)
+    if impl.autograd:  # the loss keeps its graph to policy_logps; autograd differentiates it
+        step = impl.loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
+        loss = step.loss
+    else:  # closed form: the step's grad is dloss/dL_s, handed back by the loss node
+        step = impl.loss_step(policy_logps.detach(), counts, ref_logps, cfg, anchor, bco_delta)
         loss = ClosedFormLoss.apply(policy_logps, step.loss, step.grad) if policy_logps.requires_grad else step.loss
-        metrics = step.metrics
+    metrics = step.metrics
     return PreferenceLossOutput(
         loss=loss.to(out_dtype), metrics={k: v.to(out_dtype) for k, v in metrics.items()},
         policy_logps=policy_logps.detach().to(out_dtype),
@@ -280,7 +270,7 @@ def _prepare(cfg, plan, device, ref_logps, has_ref_inputs, spo_anchor, bco_delta
         if has_ref_inputs:
             raise ValueError("pass either ref_logps or the reference model's inputs, not both")
         _check_per_seq("ref_logps", ref_logps, plan.num_seqs, device)
-    needs_ref = cfg.loss_type not in ("simpo", "cpo") and not cfg.reference_free
+    needs_ref = not cfg.base_reference_free
     if needs_ref and ref_logps is None and not has_ref_inputs:
         raise ValueError(f"loss_type={cfg.loss_type!r} needs reference log-probs: pass ref_logps [2P] or the "
                          f"reference model's inputs (or set reference_free=True)")
@@ -340,14 +330,12 @@ def preference_loss(
             raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
                              f"got {tuple(ref_logits.shape)}")
     cfg, anchor = _prepare(cfg, plan, logits.device, ref_logps, ref_logits is not None, spo_anchor, bco_delta)
-    name = resolve_backend_name(backend, logits.device)
+    impl = get_backend(resolve_backend_name(backend, logits.device))
     if ref_logits is not None:
         with torch.no_grad():
-            ref_logps = _logits_logprobs(ref_logits, plan, name, cfg.softcap, cfg.temperature, False, labels,
-                                         cu_seqlens, cfg.ignore_index)
-    policy = _logits_logprobs(logits, plan, name, cfg.softcap, cfg.temperature, inplace_backward, labels,
-                              cu_seqlens, cfg.ignore_index)
-    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name, _out_dtype(logits))
+            ref_logps = _logits_logprobs(ref_logits, plan, impl, cfg.softcap, cfg.temperature, False)
+    policy = _logits_logprobs(logits, plan, impl, cfg.softcap, cfg.temperature, inplace_backward)
+    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, impl, _out_dtype(logits))
 
 
 def fused_linear_preference_loss(
@@ -404,11 +392,10 @@ def fused_linear_preference_loss(
         if ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"ref_weight must have V={weight.shape[0]} rows, got {ref_weight.shape[0]}")
     cfg, anchor = _prepare(cfg, plan, hidden.device, ref_logps, has_ref_inputs, spo_anchor, bco_delta)
-    name = resolve_backend_name(backend, hidden.device)
+    impl = get_backend(resolve_backend_name(backend, hidden.device))
     if has_ref_inputs:
         with torch.no_grad():
-            ref_logps = _linear_logprobs(ref_hidden, ref_weight, ref_bias, plan, name, cfg.softcap,
-                                         cfg.temperature, labels, cu_seqlens, cfg.ignore_index)
-    policy = _linear_logprobs(hidden, weight, bias, plan, name, cfg.softcap, cfg.temperature, labels, cu_seqlens,
-                              cfg.ignore_index, deterministic, grad_filter_eps)
-    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, name, _out_dtype(hidden))
+            ref_logps = _linear_logprobs(ref_hidden, ref_weight, ref_bias, plan, impl, cfg.softcap, cfg.temperature)
+    policy = _linear_logprobs(hidden, weight, bias, plan, impl, cfg.softcap, cfg.temperature, deterministic,
+                              grad_filter_eps)
+    return _finish(policy, plan, ref_logps, cfg, anchor, bco_delta, impl, _out_dtype(hidden))

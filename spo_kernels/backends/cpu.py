@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from . import Backend, LinearGrads
+from .base import Backend, LinearGrads
 
 try:  # the compiled extension is optional: setup.py skips it when it cannot be built
     from .. import _cpu

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import Backend, LinearGrads
+from .base import Backend, LinearGrads
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

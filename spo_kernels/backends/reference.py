@@ -1,0 +1,43 @@
+"""The ``reference`` backend: the naive autograd ops of :mod:`spo_kernels.reference` behind the backend
+interface. For tests only.
+
+It materializes the transformed logits and their log-softmax for the completion rows, computes in
+float64 for float64 inputs (fp32 otherwise), and writes each loss as TRL does. ``autograd = True``: the
+gradient is autograd's through these ops, never a closed form (that is what it checks), so it has no
+backward ops and returns no LSEs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref_impl
+from ..losses import LossStep
+from .base import Backend
+
+
+def _sequence_sums(rows, plan, softcap, temperature):
+    """``L_s`` (float64, SPEC 7) of the plan's rows ``rows [Nc, V]`` (raw logits), differentiable."""
+    tok = ref_impl.reference_token_logprobs(rows, plan.targets, -1, softcap, temperature)  # every target real
+    sums = torch.zeros(plan.num_seqs, dtype=torch.float64, device=rows.device)
+    return sums.index_add(0, plan.seq_id, tok.to(torch.float64))
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    autograd = True
+
+    def loss_step(self, policy_logps, counts, ref_logps, cfg, anchor=None, bco_delta=None):
+        loss = ref_impl.reference_pair_loss(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
+        metrics = ref_impl.reference_metrics(policy_logps, counts, ref_logps, cfg, anchor)
+        return LossStep(loss=loss, grad=None, metrics=metrics)
+
+    def logits_forward(self, logits, plan, softcap, temperature):
+        return _sequence_sums(logits.index_select(0, plan.token_idx), plan, softcap, temperature), None
+
+    def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        z = hidden.index_select(0, plan.token_idx).to(dtype) @ weight.to(dtype).t()
+        if bias is not None:
+            z = z + bias.to(dtype)
+        return _sequence_sums(z, plan, softcap, temperature), None
