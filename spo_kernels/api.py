@@ -1,4 +1,4 @@
-"""Public functions: validate (SPEC 7), build the token plan, dispatch to a backend.
+"""Public functions: validate (SPEC 7, checks in :mod:`.checks`), build the token plan, dispatch to a backend.
 
 Shapes (SPEC 6): padded ``[S, T, ...]`` with labels ``[S, T]``, or packed ``[N, ...]`` with labels
 ``[N]`` and ``cu_seqlens [S+1]`` int32. For the preference losses S = 2P: rows ``0..P-1`` are the
@@ -14,60 +14,17 @@ import torch
 from .autograd import ClosedFormLoss, LinearSequenceLogprobs, LogitsSequenceLogprobs
 from .backends import Backend, get_backend, resolve_backend_name
 from .config import PreferenceLossConfig, check_bool, config_type_error
-from .layout import TokenPlan, build_plan, check_float, check_same_device
+from .checks import (check_bco_delta, check_devices, check_kernel_options, check_linear, check_logits,
+                     check_per_seq, check_ref_linear, check_ref_logits)
+from .layout import TokenPlan, build_plan
 from .output import PreferenceLossOutput, SequenceLogprobs
 
 Tensor = torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# validation helpers
+# configuration and anchor
 # ---------------------------------------------------------------------------------------------
-
-def _check_logits(logits, cu_seqlens, name="logits"):
-    check_float(name, logits)
-    want = 2 if cu_seqlens is not None else 3
-    if logits.dim() != want:
-        layout = "packed [N, V] (cu_seqlens given)" if cu_seqlens is not None else "padded [S, T, V]"
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(logits.shape)}")
-    if logits.shape[-1] == 0:
-        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
-
-
-def _check_linear(hidden, weight, bias, cu_seqlens, prefix=""):
-    """Shapes and dtypes of the fused-linear inputs (SPEC 6): outside autocast, hidden, weight and bias
-    share one dtype; a mismatch names both and the cast to make."""
-    check_float(f"{prefix}hidden", hidden)
-    want = 2 if cu_seqlens is not None else 3
-    if hidden.dim() != want:
-        layout = "packed [N, H] (cu_seqlens given)" if cu_seqlens is not None else "padded [S, T, H]"
-        raise ValueError(f"{prefix}hidden must be {layout}, got shape {tuple(hidden.shape)}")
-    check_float(f"{prefix}weight", weight)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{prefix}weight must be [V, H] with H={hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{prefix}weight has no rows: the vocabulary is empty (V = 0)")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}weight dtype {weight.dtype} differs from {prefix}hidden dtype {hidden.dtype}; "
-                        f"outside autocast they must match: cast one, e.g. {prefix}hidden.to({weight.dtype}) or "
-                        f"{prefix}weight.to({hidden.dtype})")
-    if bias is not None:
-        check_float(f"{prefix}bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{prefix}bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{prefix}bias dtype {bias.dtype} differs from {prefix}weight dtype {weight.dtype}; "
-                            f"outside autocast they must match: pass {prefix}bias.to({weight.dtype})")
-
-
-def _check_devices(**tensors) -> None:
-    """Before anything reads data: no meta tensor among the arguments, and all of them on one device
-    (the error names the argument(s) off the others' device, not whichever came second)."""
-    for name, x in tensors.items():
-        if isinstance(x, torch.Tensor) and x.device.type == "meta":
-            raise ValueError(f"{name} is a meta tensor (a shape without data); pass a tensor with data")
-    check_same_device(tensors)
-
 
 def _resolve_config(config: Optional[PreferenceLossConfig], options: dict) -> PreferenceLossConfig:
     if config is None:
@@ -77,16 +34,10 @@ def _resolve_config(config: Optional[PreferenceLossConfig], options: dict) -> Pr
     return config.replace(**options) if options else config
 
 
-def _check_per_seq(name, x, num, device=None):
-    check_float(name, x, device)
-    if tuple(x.shape) != (num,):
-        raise ValueError(f"{name} must have shape [{num}], got {tuple(x.shape)}")
-
-
 def _resolve_anchor(spo_anchor, cfg: PreferenceLossConfig, P: int, device):
     """Returns (config with the anchor kind, anchor tensor or None when it comes from the reference)."""
     if isinstance(spo_anchor, torch.Tensor):
-        _check_per_seq("spo_anchor", spo_anchor, P, device)
+        check_per_seq("spo_anchor", spo_anchor, P, device)
         return cfg, spo_anchor
     if spo_anchor is not None:
         if spo_anchor not in ("reference", "one_step"):
@@ -145,8 +96,8 @@ def sequence_logprobs(
     Returns:
         :class:`SequenceLogprobs` with ``logps [S]`` fp32 and ``counts [S]`` int64.
     """
-    _check_devices(logits=logits, labels=labels, cu_seqlens=cu_seqlens)
-    _check_logits(logits, cu_seqlens)
+    check_devices(logits=logits, labels=labels, cu_seqlens=cu_seqlens)
+    check_logits(logits, cu_seqlens)
     check_bool("inplace_backward", inplace_backward)
     PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)  # validates
     plan = build_plan(labels, logits.shape[-1], ignore_index, logits.shape[:-1], logits.device,
@@ -183,10 +134,10 @@ def fused_linear_sequence_logprobs(
     Returns:
         :class:`SequenceLogprobs` with ``logps [S]`` fp32 and ``counts [S]`` int64.
     """
-    _check_devices(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
-    _check_linear(hidden, weight, bias, cu_seqlens)
+    check_devices(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
+    check_linear(hidden, weight, bias, cu_seqlens)
     PreferenceLossConfig(softcap=softcap, temperature=temperature, ignore_index=ignore_index)  # validates
-    _check_kernel_options(deterministic, grad_filter_eps)
+    check_kernel_options(deterministic, grad_filter_eps)
     plan = build_plan(labels, weight.shape[0], ignore_index, hidden.shape[:-1], hidden.device,
                       cu_seqlens, pairs=False)
     impl = get_backend(resolve_backend_name(backend, hidden.device))
@@ -207,13 +158,6 @@ def _logits_logprobs(logits, plan, impl, softcap, temperature, inplace):
 def _out_dtype(x: Tensor) -> torch.dtype:
     """Public results are fp32 (float64 only for float64 inputs, the tests' oracle precision)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _check_kernel_options(deterministic, grad_filter_eps):
-    check_bool("deterministic", deterministic)
-    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)) or not (
-            0.0 <= grad_filter_eps < 1.0):
-        raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
 
 
 def _linear_logprobs(hidden, weight, bias, plan, impl, softcap, temperature, deterministic=False,
@@ -269,7 +213,7 @@ def _prepare(cfg, plan, device, ref_logps, has_ref_inputs, spo_anchor, bco_delta
     if ref_logps is not None:
         if has_ref_inputs:
             raise ValueError("pass either ref_logps or the reference model's inputs, not both")
-        _check_per_seq("ref_logps", ref_logps, plan.num_seqs, device)
+        check_per_seq("ref_logps", ref_logps, plan.num_seqs, device)
     needs_ref = not cfg.base_reference_free
     if needs_ref and ref_logps is None and not has_ref_inputs:
         raise ValueError(f"loss_type={cfg.loss_type!r} needs reference log-probs: pass ref_logps [2P] or the "
@@ -278,10 +222,7 @@ def _prepare(cfg, plan, device, ref_logps, has_ref_inputs, spo_anchor, bco_delta
         raise ValueError("spo_anchor='reference' needs reference log-probs (ref_logps or the reference model's "
                          "inputs), even with reference_free=True or a reference-free loss; or pass spo_anchor as "
                          "a [P] tensor")
-    if bco_delta is not None and not callable(bco_delta):
-        check_float("bco_delta", bco_delta, device)
-        if bco_delta.numel() != 1:
-            raise ValueError(f"bco_delta must be a scalar tensor, got shape {tuple(bco_delta.shape)}")
+    check_bco_delta(bco_delta, device)
     return cfg, anchor
 
 
@@ -318,17 +259,14 @@ def preference_loss(
     Returns:
         :class:`PreferenceLossOutput`: ``loss`` plus the TRL-named metrics.
     """
-    _check_devices(logits=logits, labels=labels, cu_seqlens=cu_seqlens, ref_logps=ref_logps, ref_logits=ref_logits,
+    check_devices(logits=logits, labels=labels, cu_seqlens=cu_seqlens, ref_logps=ref_logps, ref_logits=ref_logits,
                    spo_anchor=spo_anchor, bco_delta=bco_delta)
     cfg = _resolve_config(config, options)
-    _check_logits(logits, cu_seqlens)
+    check_logits(logits, cu_seqlens)
     check_bool("inplace_backward", inplace_backward)
     plan = build_plan(labels, logits.shape[-1], cfg.ignore_index, logits.shape[:-1], logits.device, cu_seqlens)
     if ref_logits is not None:
-        _check_logits(ref_logits, cu_seqlens, "ref_logits")
-        if ref_logits.shape != logits.shape:
-            raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, "
-                             f"got {tuple(ref_logits.shape)}")
+        check_ref_logits(ref_logits, logits, cu_seqlens)
     cfg, anchor = _prepare(cfg, plan, logits.device, ref_logps, ref_logits is not None, spo_anchor, bco_delta)
     impl = get_backend(resolve_backend_name(backend, logits.device))
     if ref_logits is not None:
@@ -373,12 +311,12 @@ def fused_linear_preference_loss(
     Returns:
         :class:`PreferenceLossOutput`.
     """
-    _check_devices(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
+    check_devices(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens, ref_logps=ref_logps,
                    ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, spo_anchor=spo_anchor,
                    bco_delta=bco_delta)
     cfg = _resolve_config(config, options)
-    _check_linear(hidden, weight, bias, cu_seqlens)
-    _check_kernel_options(deterministic, grad_filter_eps)
+    check_linear(hidden, weight, bias, cu_seqlens)
+    check_kernel_options(deterministic, grad_filter_eps)
     plan = build_plan(labels, weight.shape[0], cfg.ignore_index, hidden.shape[:-1], hidden.device, cu_seqlens)
     has_ref_inputs = ref_hidden is not None
     if not has_ref_inputs and (ref_weight is not None or ref_bias is not None):
@@ -386,11 +324,7 @@ def fused_linear_preference_loss(
     if has_ref_inputs:
         ref_weight = weight if ref_weight is None else ref_weight
         ref_bias = bias if (ref_bias is None and ref_weight is weight) else ref_bias
-        _check_linear(ref_hidden, ref_weight, ref_bias, cu_seqlens, prefix="ref_")
-        if ref_hidden.shape != hidden.shape:
-            raise ValueError(f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}")
-        if ref_weight.shape[0] != weight.shape[0]:
-            raise ValueError(f"ref_weight must have V={weight.shape[0]} rows, got {ref_weight.shape[0]}")
+        check_ref_linear(ref_hidden, ref_weight, ref_bias, hidden, weight, cu_seqlens)
     cfg, anchor = _prepare(cfg, plan, hidden.device, ref_logps, has_ref_inputs, spo_anchor, bco_delta)
     impl = get_backend(resolve_backend_name(backend, hidden.device))
     if has_ref_inputs:

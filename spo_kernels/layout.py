@@ -1,4 +1,4 @@
-"""Layouts (SPEC 6) normalized to one token plan, and the input checks of SPEC 7.
+"""Layouts (SPEC 6) normalized to one token plan, with the label / cu_seqlens checks of SPEC 7.
 
 Layout A, padded: ``[S, T, ...]`` with labels ``[S, T]``.  Layout B, packed: ``[N, ...]`` with labels
 ``[N]`` and ``cu_seqlens [S+1]`` (int32).  Both become a :class:`TokenPlan` over the flattened
@@ -12,6 +12,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+# The input checks live in .checks; check_float / check_same_device / check_labels stay importable here.
+from .checks import FLOAT_DTYPES, INT_DTYPES, check_float, check_labels, check_same_device, check_tensor
+
+__all__ = ["TokenPlan", "build_plan", "host_read", "FLOAT_DTYPES", "INT_DTYPES", "check_float", "check_labels",
+           "check_same_device"]
 
 Tensor = torch.Tensor
 
@@ -44,54 +50,6 @@ class TokenPlan:
         return self.counts.shape[0]
 
 
-# Floating dtypes the kernels compute with (float64 for tests); fp8 and complex are rejected up front.
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Label dtypes: every integer dtype, normalized to int64 by the plan (and by the reference backend).
-INT_DTYPES = tuple(dt for dt in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                                 getattr(torch, "uint16", None), getattr(torch, "uint32", None),
-                                 getattr(torch, "uint64", None)) if dt is not None)
-
-
-def _check_tensor(name: str, x, device=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type == "meta":
-        raise ValueError(f"{name} is a meta tensor (a shape without data); pass a tensor with data")
-    if device is not None and x.device != torch.device(device):
-        raise ValueError(f"{name} is on {x.device} but the inputs are on {device}")
-
-
-def check_float(name: str, x, device=None) -> None:
-    """``x`` is a tensor with data (not meta) of a dtype the kernels compute with (SPEC 7)."""
-    _check_tensor(name, x, device)
-    if x.dtype not in FLOAT_DTYPES:
-        kind = "an integer" if not (x.is_floating_point() or x.is_complex()) else f"a {x.dtype}"
-        raise TypeError(f"{name} must be a float32, bfloat16 or float16 tensor (float64 for tests), got "
-                        f"{kind} tensor ({x.dtype})")
-
-
-def check_same_device(tensors: dict) -> None:
-    """Every tensor of ``{name: tensor or None}`` on one device; else a ``ValueError`` that names the
-    arguments off the majority device (ties: the first argument's device wins) and lists them all."""
-    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    distinct = list(dict.fromkeys(devices.values()))
-    if len(distinct) <= 1:
-        return
-    votes = {d: sum(v == d for v in devices.values()) for d in distinct}
-    main = max(distinct, key=lambda d: votes[d])  # max keeps the first of equal counts
-    odd = [n for n, d in devices.items() if d != main]
-    where = ", ".join(f"{n} on {d}" for n, d in devices.items())
-    verb = "is" if len(odd) == 1 else "are"
-    raise ValueError(f"{', '.join(odd)} {verb} not on {main} like the other inputs; every tensor must be on one "
-                     f"device (got {where})")
-
-
-def check_labels(labels) -> None:
-    _check_tensor("labels", labels)
-    if labels.dtype not in INT_DTYPES:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-
-
 def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, device,
                cu_seqlens: Optional[Tensor] = None, pairs: bool = True) -> TokenPlan:
     """Validate labels / cu_seqlens against the input's leading shape and build the token plan.
@@ -106,7 +64,7 @@ def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, d
     for its output size, and no ``repeat_interleave`` without ``output_size``).
     """
     check_labels(labels)
-    _check_tensor("labels", labels, device)
+    check_tensor("labels", labels, device)
     if tuple(labels.shape) != tuple(lead_shape):
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(lead_shape)} "
                          f"(the input's shape without its last dim)")
@@ -119,7 +77,7 @@ def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, d
         num_rows = S * T
         cu = None
     else:
-        _check_tensor("cu_seqlens", cu_seqlens, device)
+        check_tensor("cu_seqlens", cu_seqlens, device)
         if labels.dim() != 1:
             raise ValueError(f"packed layout (cu_seqlens given) needs labels [N] (1-D), got shape "
                              f"{tuple(labels.shape)}")
