@@ -1,5 +1,7 @@
 """The ``torch`` backend through the public API against the float64 autograd reference."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -28,7 +30,8 @@ def _compare(out, grads, ref_out, ref_grads, low_precision=False, beta=0.1):
 @pytest.mark.parametrize("spo", range(len(SPO)))
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_fused_linear_every_loss(loss_type, spo):
-    batch = make_batch(P=2, T=9, H=40, V=97, seed=hash((loss_type, spo)) % 1000, empty=(1,))
+    seed = zlib.crc32(f"{loss_type}-{spo}".encode()) % 1000  # the same every run (hash() is salted per process)
+    batch = make_batch(P=2, T=9, H=40, V=97, seed=seed, empty=(1,))
     opts = dict(loss_type=loss_type, beta=0.5, **SPO[spo])
     ref_out, ref_grads = run_fused(batch, "reference", torch.float64, **opts)
     out, grads = run_fused(batch, "torch", **opts)
