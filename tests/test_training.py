@@ -246,3 +246,66 @@ def test_quick_demo_pipeline_runs(tmp_path):
     result = run_demo(str(tmp_path / "demo"), settings)
     assert [row["model"] for row in result["table"]] == ["SFT", "DPO", "DPO+SPO"]
     assert os.path.getsize(tmp_path / "demo" / "chosen_logps.png") > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the reproduction driver (python -m training reproduce)
+# ---------------------------------------------------------------------------------------------
+
+def test_mean_std_on_known_numbers():
+    from training.reproduce import aggregate, mean_std
+    assert mean_std([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, math.sqrt(5.0 / 3.0)))
+    assert mean_std([0.7]) == (0.7, 0.0)
+    row = dict(greedy_acc=0.0, d_logp_chosen=0.0, d_logp_rejected=0.0, chosen_fell=0.0, greedy_rejected=0.0,
+               greedy_other=0.0, greedy_malformed=0.0)
+    results = {seed: {"rows": {name: dict(row, greedy_acc=acc, d_logp_chosen=-acc)
+                               for name in ("SFT", "DPO", "DPO+SPO")}}
+               for seed, acc in ((0, 0.5), (1, 0.7), (2, 0.9))}
+    table = {r["model"]: r for r in aggregate(results, ["DPO"])}
+    assert table["DPO"]["n_seeds"] == 3
+    assert table["DPO"]["greedy_acc_mean"] == pytest.approx(0.7)
+    assert table["DPO"]["greedy_acc_std"] == pytest.approx(0.2)
+    assert table["DPO+SPO"]["d_logp_chosen_mean"] == pytest.approx(-0.7)
+
+
+def test_claims_and_greedy_classes():
+    from training.reproduce import claims, classify_greedy
+    assert classify_greedy("1+2=3,3+4=7#7", 7, 8) == "right"
+    assert classify_greedy("1+2=3,3+4=8#8", 7, 8) == "rejected"
+    assert classify_greedy("1+2=3,3+4=9#9", 7, 8) == "other"
+    assert classify_greedy("1+2=3,3+4=", 7, 8) == "malformed"
+    assert classify_greedy("1+2=3#3#3", 5, 4) == "malformed"
+    assert classify_greedy("1+2=3#3#3", 3, 4) == "right"  # accuracy reads the final answer only
+    rows = lambda sft, dpo, spo, d: {"SFT": {"greedy_acc": sft, "d_logp_chosen": 0.0},  # noqa: E731
+                                     "DPO": {"greedy_acc": dpo, "d_logp_chosen": -3.0},
+                                     "DPO+SPO": {"greedy_acc": spo, "d_logp_chosen": d}}
+    checked = claims({0: {"rows": rows(0.5, 0.2, 0.5, 0.1)}, 1: {"rows": rows(0.5, 0.2, 0.4, -0.1)}}, ["DPO"])
+    assert checked["DPO"]["accuracy_order"] == {0: True, 1: False}
+    assert checked["DPO"]["chosen_not_fallen"] == {0: True, 1: False}
+    assert not checked["DPO"]["accuracy_order_all"] and not checked["DPO"]["chosen_not_fallen_all"]
+
+
+def test_reproduce_driver_writes_table_and_json(tmp_path):
+    out = tmp_path / "reproduce"
+    assert cli_main(["reproduce", "--quick", "--out", str(out), "--seeds", "0", "1", "--methods", "DPO",
+                     "SimPO"]) == 0
+    text = (out / "reproduce.md").read_text()
+    assert "| model | greedy acc | d logp(chosen)" in text
+    for name in ("SFT", "DPO", "DPO+SPO", "SimPO", "SimPO+SPO"):
+        assert f"| {name} | " in text
+    assert " ± " in text and "holds on every seed" in text
+    data = json.loads((out / "reproduce.json").read_text())
+    assert data["settings"]["seeds"] == [0, 1]
+    table = {r["model"]: r for r in data["table"]}
+    assert set(table) == {"SFT", "DPO", "DPO+SPO", "SimPO", "SimPO+SPO"}
+    for row in table.values():
+        assert row["n_seeds"] == 2
+        for key in ("greedy_acc", "d_logp_chosen", "d_logp_rejected", "chosen_fell", "greedy_malformed"):
+            assert math.isfinite(row[key + "_mean"]) and row[key + "_std"] >= 0
+        shares = [row[k + "_mean"] for k in ("greedy_acc", "greedy_rejected", "greedy_other", "greedy_malformed")]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-9)
+    assert table["SFT"]["d_logp_chosen_mean"] == 0.0
+    per_seed = data["per_seed"]["1"]
+    assert per_seed["rows"]["DPO"]["seed"] == 1 and len(per_seed["curves"]["DPO+SPO"]) >= 2
+    assert set(data["claims"]) == {"DPO", "SimPO"}
+    assert os.path.getsize(out / "reproduce.png") > 0

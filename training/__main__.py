@@ -1,4 +1,5 @@
-"""Command line: ``python -m training train ...`` (flags = TrainConfig fields) and ``python -m training demo``."""
+"""Command line: ``python -m training train ...`` (flags = TrainConfig fields), ``python -m training demo``
+and ``python -m training reproduce`` (the paper's claim over seeds)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,28 @@ def main(argv=None) -> int:
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--no-progress", dest="progress", action="store_false")
 
+    rep = sub.add_parser("reproduce", help="DPO, SimPO, IPO with and without SPO over seeds on the built-in task",
+                         description="Defaults are `make reproduce`'s run (training.reproduce.ReproduceSettings).")
+    rep.add_argument("--out", default="runs/reproduce")
+    rep.add_argument("--quick", action="store_true", help="a seconds-long run of the pipeline")
+    rep.add_argument("--seeds", type=int, nargs="+")
+    rep.add_argument("--methods", nargs="+", help="some of DPO SimPO IPO")
+    rep.add_argument("--jobs", type=int, help="worker processes (one torch thread each)")
+    for name, kind in (("sft_steps", int), ("pref_steps", int), ("pref_lr", float), ("spo_lambda", float),
+                       ("spo_margin", float), ("spo_anchor", str), ("spo_alpha", float)):
+        rep.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    rep.add_argument("--progress", action="store_true", help="progress bars (best with --jobs 1)")
+
     args = parser.parse_args(argv)
+    if args.command == "reproduce":
+        from .reproduce import ReproduceSettings, run_reproduce
+        settings = ReproduceSettings.quick() if args.quick else ReproduceSettings()
+        keys = ("seeds", "methods", "jobs", "sft_steps", "pref_steps", "pref_lr", "spo_lambda", "spo_margin",
+                "spo_anchor", "spo_alpha")
+        overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+        settings = dataclasses.replace(settings, progress=args.progress, **overrides)
+        run_reproduce(args.out, settings)
+        return 0
     if args.command == "train":
         from .trainer import train
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}

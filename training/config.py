@@ -29,7 +29,7 @@ class TrainConfig:
         objective: "preference" (the fused preference loss) or "sft" (token-mean NLL of the chosen
             completions, for building the starting checkpoint).
     Loss (see :class:`spo_kernels.PreferenceLossConfig`; the softcap comes from the model's config):
-        loss_type, beta, label_smoothing, reference_free, sft_weight,
+        loss_type, beta, label_smoothing, reference_free, sft_weight, simpo_gamma (SimPO's target margin),
         spo_lambda (0 = plain DPO-family loss), spo_margin, spo_normalize,
         spo_anchor: "reference" (per-token reference log-prob) or "one_step" (computed each batch by
             :func:`training.one_step_anchor` with step size ``spo_alpha``).
@@ -56,6 +56,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     reference_free: bool = False
     sft_weight: float = 0.0
+    simpo_gamma: float = 0.5
     spo_lambda: float = 0.0
     spo_margin: float = 0.0
     spo_normalize: str = "mean"
@@ -98,7 +99,8 @@ class TrainConfig:
     def loss_config(self, softcap: Optional[float] = None) -> PreferenceLossConfig:
         return PreferenceLossConfig(
             beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            reference_free=self.reference_free, sft_weight=self.sft_weight, spo_lambda=self.spo_lambda,
+            reference_free=bool(self.reference_free), sft_weight=self.sft_weight,
+            simpo_gamma=self.simpo_gamma, spo_lambda=self.spo_lambda,
             spo_margin=self.spo_margin, spo_normalize=self.spo_normalize, spo_anchor=self.spo_anchor,
             softcap=softcap)
 

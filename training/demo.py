@@ -5,8 +5,9 @@ Everything is generated and trained here, on a CPU, with nothing downloaded:
 1. the addition task of :mod:`training.task`: train and held-out problems, preference pairs
    (chosen = correct worked answer, rejected = the same work with one slip);
 2. SFT: the built-in small Llama trained from scratch on the chosen answers;
-3. DPO and DPO+SPO (``spo_lambda=1``, reference anchor), both from the SFT checkpoint with the same
-   seed, data order and number of steps;
+3. DPO and DPO+SPO (``spo_lambda=20``, ``spo_margin=0.05``, reference anchor: the setting that held the
+   chosen log-prob and the accuracy on every seed of the sweep in training/results/REPRODUCE.md), both
+   from the SFT checkpoint with the same seed, data order and number of steps;
 4. evaluation on held-out pairs and problems: change of the chosen / rejected summed log-probs from
    the SFT model, the share of pairs whose chosen log-prob fell, greedy-decoding accuracy.
 
@@ -46,7 +47,12 @@ class DemoSettings:
     pref_batch_size: int = 32
     pref_lr: float = 1e-4
     beta: float = 0.1
-    spo_lambda: float = 1.0
+    # The SPO setting (SPEC 4), chosen by the sweep recorded in training/results/REPRODUCE.md; the same
+    # setting is `make reproduce`'s "+SPO".
+    spo_lambda: float = 20.0
+    spo_margin: float = 0.05
+    spo_anchor: str = "reference"
+    spo_alpha: float = 0.1
     eval_every: int = 25
     # One thread: the matrices of this small model are too small to gain much from a second core, and
     # with OpenMP's spin-waiting a step gets many times slower whenever another process wants a core.
@@ -65,22 +71,28 @@ class DemoSettings:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, prompts: List[str], answers: List[int], max_new_tokens: int = 48) -> float:
-    """Share of prompts whose greedy continuation ends in the right final answer. Prompts are batched by
-    length, so no padding is needed."""
+def greedy_texts(model, tokenizer, prompts: List[str], max_new_tokens: int = 48) -> List[str]:
+    """The greedy continuation of every prompt (special tokens dropped). Prompts are batched by length,
+    so no padding is needed."""
     by_length: Dict[int, List[int]] = {}
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
-    correct = 0
+    texts: List[str] = [""] * len(prompts)
     for length, members in by_length.items():
         input_ids = torch.tensor([encoded[i] for i in members])
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         for row, i in zip(out[:, length:], members):
-            correct += int(final_answer(tokenizer.decode(row.tolist())) == answers[i])
-    return correct / len(prompts)
+            texts[i] = tokenizer.decode(row.tolist())
+    return texts
+
+
+def greedy_accuracy(model, tokenizer, prompts: List[str], answers: List[int], max_new_tokens: int = 48) -> float:
+    """Share of prompts whose greedy continuation ends in the right final answer."""
+    texts = greedy_texts(model, tokenizer, prompts, max_new_tokens)
+    return sum(final_answer(t) == a for t, a in zip(texts, answers)) / len(prompts)
 
 
 def heldout_logps(model, tokenizer, rows: List[dict], batch_size: int = 64) -> torch.Tensor:
@@ -135,7 +147,8 @@ def _run_demo(out_dir: str, s: DemoSettings) -> dict:
                           max_steps=s.pref_steps, batch_size=s.pref_batch_size, lr=s.pref_lr,
                           lr_schedule="constant", seed=s.seed, save_every=s.pref_steps, progress=s.progress,
                           num_threads=s.num_threads)
-    spo_cfg = dpo_cfg.replace(out_dir=os.path.join(out_dir, "dpo_spo"), spo_lambda=s.spo_lambda)
+    spo_cfg = dpo_cfg.replace(out_dir=os.path.join(out_dir, "dpo_spo"), spo_lambda=s.spo_lambda,
+                              spo_margin=s.spo_margin, spo_anchor=s.spo_anchor, spo_alpha=s.spo_alpha)
 
     tokenizer = load_tokenizer(sft_path)
     sft_model = load_model(sft_path)
@@ -147,7 +160,9 @@ def _run_demo(out_dir: str, s: DemoSettings) -> dict:
     curves = {}
     models = {"SFT": sft_model}
     for name, cfg in (("DPO", dpo_cfg), ("DPO+SPO", spo_cfg)):
-        print(f"[demo] {name}: {cfg.max_steps} steps, beta={cfg.beta}, lr={cfg.lr}, spo_lambda={cfg.spo_lambda}")
+        spo = (f", spo_lambda={cfg.spo_lambda}, spo_margin={cfg.spo_margin}, spo_anchor={cfg.spo_anchor}"
+               if cfg.spo_lambda > 0 else "")
+        print(f"[demo] {name}: {cfg.max_steps} steps, beta={cfg.beta}, lr={cfg.lr}{spo}")
         curve = [(0, 0.0, 0.0)]
 
         def track(step, record, model, curve=curve, max_steps=cfg.max_steps):
