@@ -83,9 +83,12 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spo_kernels.config import LOSS_TYPES, PreferenceLossConfig  # noqa: E402
-from spo_kernels.kernels import linear_logprobs as LL  # noqa: E402
+from spo_kernels.kernels import linear_backward as LB  # noqa: E402
+from spo_kernels.kernels import linear_config as LC  # noqa: E402
+from spo_kernels.kernels import linear_forward as LF  # noqa: E402
 from spo_kernels.kernels import logits_logprobs as LG  # noqa: E402
 from spo_kernels.kernels import loss_step as LS  # noqa: E402
+from spo_kernels.kernels import triton_helpers as TH  # noqa: E402
 from spo_kernels.layout import TokenPlan, build_plan  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # what driver.active.get_current_target() returns on an H100 / H200
@@ -176,7 +179,7 @@ def variant_key(d: dict) -> str:
 
 
 VARIANTS: dict = {}  # dedup key -> Variant, in first-launch order
-KERNELS: list = []  # every "*_kernel" JITFunction of the three kernel files
+KERNELS: list = []  # every "*_kernel" JITFunction of the kernel files (KERNEL_MODULES)
 _current_set = ["test"]
 
 
@@ -204,6 +207,10 @@ class LaunchRecorder:
         return launch
 
 
+# The modules whose launchers launch kernels (linear_logprobs only re-exports the fused-linear ones).
+KERNEL_MODULES = (LF, LB, LG, LS)
+
+
 def _install(module):
     for name in dir(module):
         obj = getattr(module, name)
@@ -225,7 +232,7 @@ def _meta_plan(plan: TokenPlan) -> TokenPlan:
 def _set_linear_overrides(over: dict) -> None:
     if set(over) - NON_TILE_FIELDS:
         raise ValueError(f"record() may only override {sorted(NON_TILE_FIELDS)}, not {sorted(set(over))}")
-    LL.CONFIG_OVERRIDES = dict(over)
+    LC.CONFIG_OVERRIDES = dict(over)
 
 
 def record_test_shapes() -> None:
@@ -246,14 +253,14 @@ def record_test_shapes() -> None:
         hidden, weight, bias = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(V, dtype=dt)
         lse = _meta(Nc)
         for b, softcap, temp in ((None, None, 1.0), (bias, 30.0, 0.7)):
-            LL.linear_forward(hidden, weight, b, plan, softcap, temp, save_lse=True)
-            LL.linear_forward(hidden, weight, b, plan, softcap, temp, save_lse=False)
+            LF.linear_forward(hidden, weight, b, plan, softcap, temp, save_lse=True)
+            LF.linear_forward(hidden, weight, b, plan, softcap, temp, save_lse=False)
             for over in ({}, {"reuse_outputs": False}, {"outer": "token"}, {"scratch_bytes": Nc * 2 * 256}):
                 _set_linear_overrides({"scratch_bytes": 2**20, **over})
                 for eps in (0.0, 1e-6):
-                    LL.linear_backward(hidden, weight, b, plan, softcap, temp, lse, grad_seq, True, True,
+                    LB.linear_backward(hidden, weight, b, plan, softcap, temp, lse, grad_seq, True, True,
                                        b is not None, grad_filter_eps=eps)
-                LL.linear_backward(hidden, weight, b, plan, softcap, temp, lse, grad_seq, True, False, False)
+                LB.linear_backward(hidden, weight, b, plan, softcap, temp, lse, grad_seq, True, False, False)
             _set_linear_overrides({})
 
     # logits path: dtypes (float64 too), transforms, strided rows and columns.
@@ -296,12 +303,12 @@ def record_g1() -> None:
     N, S = plan.num_rows, plan.num_seqs
     bf16 = torch.bfloat16
     hidden, weight = _meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16)
-    _, lse = LL.linear_forward(hidden, weight, None, plan, None, 1.0, save_lse=True)  # policy
-    LL.linear_forward(_meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16), None, plan, None,
+    _, lse = LF.linear_forward(hidden, weight, None, plan, None, 1.0, save_lse=True)  # policy
+    LF.linear_forward(_meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16), None, plan, None,
                       1.0, save_lse=False)  # reference
     grad_seq = _meta(S)
-    LL.linear_backward(hidden, weight, None, plan, None, 1.0, lse, grad_seq, True, True, False)  # trainable
-    LL.linear_backward(hidden, weight, None, plan, None, 1.0, lse, grad_seq, True, False, False)  # frozen head
+    LB.linear_backward(hidden, weight, None, plan, None, 1.0, lse, grad_seq, True, True, False)  # trainable
+    LB.linear_backward(hidden, weight, None, plan, None, 1.0, lse, grad_seq, True, False, False)  # frozen head
     cfg = PreferenceLossConfig(loss_type="sigmoid", spo_lambda=1.0)  # DPO + SPO, reference anchor
     LS.loss_step(_meta(S, dtype=torch.float64), plan.counts, _meta(S), cfg, anchor=_meta(S // 2))
 
@@ -321,11 +328,11 @@ RECORDERS = {"test": record_test_shapes, "G1": record_g1, "G2": record_g2}
 
 def record(shape_sets) -> None:
     _check_run_preamble()
-    for m in (LL, LG, LS):
+    for m in KERNEL_MODULES:
         _install(m)
-    if not callable(getattr(LL, "_num_sms", None)):
-        raise RuntimeError("linear_logprobs._num_sms is gone: pin the SM count wherever the launchers query it now")
-    LL._num_sms = lambda device: SM_COUNT
+    if not callable(getattr(TH, "num_sms", None)):
+        raise RuntimeError("triton_helpers.num_sms is gone: pin the SM count wherever the launchers query it now")
+    TH.num_sms = lambda device: SM_COUNT
     for name in shape_sets:
         _current_set[0] = name
         RECORDERS[name]()

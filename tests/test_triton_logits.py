@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 import spo_kernels as sk  # noqa: E402
 from spo_kernels.config import LOSS_TYPES  # noqa: E402
 from spo_kernels.kernels import logits_logprobs as kmod  # noqa: E402
-from spo_kernels.kernels import loss_step as loss_step_mod  # noqa: E402
+from spo_kernels.kernels import triton_helpers  # noqa: E402
 from spo_kernels.layout import build_plan  # noqa: E402
 from spo_kernels.losses import METRIC_NAMES  # noqa: E402
 from batches import assert_close_scalar as assert_scalar
@@ -36,14 +36,10 @@ TOL = {  # SPEC 7: (loss / log-prob rel, gradient rel in norm)
 LOGP_RTOL = 1e-5
 
 
-def _nan_alloc(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
-    monkeypatch.setattr(kmod, "_alloc", _nan_alloc)
-    monkeypatch.setattr(loss_step_mod, "_alloc", _nan_alloc)
+    """Every buffer the launchers allocate starts as NaN."""
+    monkeypatch.setattr(triton_helpers, "POISON_EMPTY", True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from spo_kernels import reference as ref  # noqa: E402
 from spo_kernels.config import LOSS_TYPES, PreferenceLossConfig  # noqa: E402
 from spo_kernels.kernels import loss_step as loss_step_mod  # noqa: E402
+from spo_kernels.kernels import triton_helpers  # noqa: E402
 from spo_kernels.kernels.loss_step import loss_step  # noqa: E402
 from spo_kernels.losses import METRIC_NAMES, SPO_METRIC_NAMES, preference_loss_step  # noqa: E402
 from batches import assert_close_scalar as assert_scalar
@@ -28,8 +29,7 @@ GRAD_RTOL = 1e-4   # SPEC 7, fp32, relative in norm
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
     """Every buffer the launcher allocates starts as NaN."""
-    monkeypatch.setattr(loss_step_mod, "_alloc",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(triton_helpers, "POISON_EMPTY", True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,16 +1,17 @@
 """The ``triton`` backend: thin dispatch to the kernel files in :mod:`spo_kernels.kernels`.
 
-One op per kernel file, host launcher beside its kernels:
+One op per kernel file, host launcher beside its kernels (shared helpers: ``kernels/triton_helpers.py``):
 - ``kernels/logits_logprobs.py``: logits path, forward (LSE + target gather + sequence sums) and the
   in-place backward;
-- ``kernels/linear_logprobs.py``: fused-linear path, forward and backward (logit tiles on chip only);
+- ``kernels/linear_forward.py`` / ``kernels/linear_backward.py``: fused-linear path, forward and backward
+  (logit tiles on chip only; plan in ``linear_plan.py``, launch parameters in ``linear_config.py``);
 - ``kernels/loss_step.py``: the closed-form loss step (loss, g_s, metrics) in one launch.
 Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
 
-from . import Backend
+from .base import Backend
 
 
 class TritonBackend(Backend):
@@ -29,11 +30,11 @@ class TritonBackend(Backend):
         return logits_backward(logits, plan, softcap, temperature, lse, grad_seq, out)
 
     def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
-        from ..kernels.linear_logprobs import linear_forward
+        from ..kernels.linear_forward import linear_forward
         return linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
                         need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
-        from ..kernels.linear_logprobs import linear_backward
+        from ..kernels.linear_backward import linear_backward
         return linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
                                need_hidden, need_weight, need_bias, deterministic, grad_filter_eps)

@@ -13,7 +13,8 @@ Math, for a plan token t (row r of the flattened logits, target y, sequence s) w
     L_s    = sum_{t in s} logp_t
     dloss/dx_v = g_s * (onehot(y)_v - exp(z_v - lse_t)) * dz_v/dx_v,   dz/dx = (1 - tanh^2(x / c)) / tau
 
-with ``g_s = dloss/dL_s`` (``grad_seq``). Inputs fp32/bf16/fp16 compute in fp32; float64 inputs compute in
+with ``g_s = dloss/dL_s`` (``grad_seq``): docs/gradient.md §2, §3 and §5; precision, offsets and padded lanes
+in docs/numerics.md §1-§3, the in-place rule in §6. Inputs fp32/bf16/fp16 compute in fp32; float64 inputs compute in
 float64 (tests). Vocab lanes past V are set to -inf *after* every transform, so they never enter the
 softmax (verl #2656: lanes loaded as 0 gave log-probs of +123).
 
@@ -72,7 +73,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_helpers as TH
 from . import tuning
+from .triton_helpers import tanh_sech2
 
 Tensor = torch.Tensor
 
@@ -86,42 +89,16 @@ CONFIG_OVERRIDES: dict = {}
 BLOCK_T = 256
 
 
-def _alloc(shape, dtype, device) -> Tensor:
-    """Every float buffer the launchers write comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 # ---------------------------------------------------------------------------------------------------
 # device helpers
 # ---------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _tanh_sech2(u):
-    """``(tanh(u), 1 - tanh(u)^2)`` for any finite or infinite u, without ``tl.math.tanh`` (absent from
-    the interpreter and renamed across Triton versions).
-
-    ``e = exp(-2|u|)`` lies in [0, 1] (no overflow): ``tanh(u) = sign(u) (1 - e) / (1 + e)`` and
-    ``1 - tanh^2 = 4 e / (1 + e)^2`` (no cancellation when |tanh| -> 1). Near 0, ``1 - e`` cancels
-    (relative error ~ eps / |u|), so |u| < 0.25 uses the odd series
-    ``u - u^3/3 + 2u^5/15 - 17u^7/315 + 62u^9/2835`` (truncation below 1e-8 relative there).
-    """
-    a = tl.abs(u)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    a2 = a * a
-    small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
-    t_abs = tl.where(a < 0.25, small, big)
-    t = tl.where(u < 0, -t_abs, t_abs)
-    sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
-    return t, sech2
-
 
 @triton.jit
 def _transform(x, softcap, temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
     """SPEC 2 transform ``z = (c * tanh(x / c)) / tau`` in the compute dtype."""
     z = x
     if HAS_SOFTCAP:
-        t, _ = _tanh_sech2(x / softcap)
+        t, _ = tanh_sech2(x / softcap)
         z = softcap * t
     if HAS_TEMPERATURE:
         z = z / temperature
@@ -269,7 +246,7 @@ def _grad_tile(in_row, out_row, vcols, V, stride_in_col, stride_out_col, target,
     z = x
     chain = 1.0
     if HAS_SOFTCAP:
-        tanh_u, sech2_u = _tanh_sech2(x / softcap)
+        tanh_u, sech2_u = tanh_sech2(x / softcap)
         z = softcap * tanh_u
         chain = sech2_u  # d/dx c tanh(x/c) = 1 - tanh^2(x/c)
     if HAS_TEMPERATURE:
@@ -402,23 +379,25 @@ def logits_forward(logits: Tensor, plan, softcap, temperature):
         raise ValueError(f"logits has {num_rows} rows, the token plan {plan.num_rows}")
     device = logits.device
     num_tokens, num_seqs = plan.num_tokens, plan.num_seqs
-    lse = _alloc((num_tokens,), acc_torch, device)
-    token_logp = _alloc((num_tokens,), acc_torch, device)
-    seq_logps = _alloc((num_seqs,), torch.float64, device)  # per-sequence sums in float64 (SPEC 7)
+    lse = TH.empty((num_tokens,), acc_torch, device)
+    token_logp = TH.empty((num_tokens,), acc_torch, device)
+    seq_logps = TH.empty((num_seqs,), torch.float64, device)  # per-sequence sums in float64 (SPEC 7)
     softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(softcap, temperature)
     if num_tokens > 0:
         fwd = launch_params("logits_fwd", logits.dtype, vocab, device)
-        _token_logprob_kernel[(num_tokens,)](
-            logits, plan.token_idx, plan.targets, lse, token_logp,
-            vocab, logits.stride(0), logits.stride(1), softcap_v, temperature_v,
-            HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
-            UNIT_COL_STRIDE=logits.stride(1) == 1, ACC=acc_tl, BLOCK_V=fwd["block_v"],
-            PREFETCH=bool(fwd["prefetch"]), num_warps=fwd["num_warps"],
-        )
+        with TH.device_guard(logits):
+            _token_logprob_kernel[(num_tokens,)](
+                logits, plan.token_idx, plan.targets, lse, token_logp,
+                vocab, logits.stride(0), logits.stride(1), softcap_v, temperature_v,
+                HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
+                UNIT_COL_STRIDE=logits.stride(1) == 1, ACC=acc_tl, BLOCK_V=fwd["block_v"],
+                PREFETCH=bool(fwd["prefetch"]), num_warps=fwd["num_warps"],
+            )
     if num_seqs > 0:
-        _segment_sum_kernel[(num_seqs,)](
-            token_logp, plan.seq_offsets, seq_logps, BLOCK_T=BLOCK_T, num_warps=4,
-        )
+        with TH.device_guard(logits):
+            _segment_sum_kernel[(num_seqs,)](
+                token_logp, plan.seq_offsets, seq_logps, BLOCK_T=BLOCK_T, num_warps=4,
+            )
     return seq_logps, lse
 
 
@@ -452,11 +431,12 @@ def logits_backward(logits: Tensor, plan, softcap, temperature, lse: Tensor, gra
         row_token[plan.token_idx] = torch.arange(plan.num_tokens, dtype=torch.int32, device=device)
     softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(softcap, temperature)
     bwd = launch_params("logits_bwd", logits.dtype, vocab, device)
-    _logits_backward_kernel[(num_rows,)](
-        logits, out, row_token, plan.targets, plan.seq_id, lse.contiguous(), grad_seq.contiguous(),
-        vocab, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
-        softcap_v, temperature_v,
-        HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
-        UNIT_COL_STRIDE=(logits.stride(1) == 1 and out.stride(1) == 1), ACC=acc_tl, BLOCK_V=bwd["block_v"],
-        num_warps=bwd["num_warps"],
-    )
+    with TH.device_guard(logits):
+        _logits_backward_kernel[(num_rows,)](
+            logits, out, row_token, plan.targets, plan.seq_id, lse.contiguous(), grad_seq.contiguous(),
+            vocab, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
+            softcap_v, temperature_v,
+            HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
+            UNIT_COL_STRIDE=(logits.stride(1) == 1 and out.stride(1) == 1), ACC=acc_tl, BLOCK_V=bwd["block_v"],
+            num_warps=bwd["num_warps"],
+        )

@@ -2,7 +2,8 @@
 
 ``loss_step(policy_logps [2P], counts [2P], ref_logps [2P] | None, cfg, anchor [P] | None, bco_delta)``
 returns the same :class:`spo_kernels.losses.LossStep` as :func:`spo_kernels.losses.preference_loss_step`
-(same formulas, same metric keys, same gradient ``g_s = dloss/dL_s``), computed by a single program:
+(same formulas, same metric keys, same gradient ``g_s = dloss/dL_s``: docs/gradient.md §1, docs/losses.md §2-§3,
+docs/spo.md), computed by a single program:
 
 - pass 1 (only when a batch total is needed before any gradient: ``sft_weight > 0`` needs the chosen
   token count, ``bco_pair`` without a given delta needs the batch mean reward) loops over the pairs in
@@ -29,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..losses import METRIC_NAMES, SPO_METRIC_NAMES, LossStep
+from . import triton_helpers as TH
 
 Tensor = torch.Tensor
 
@@ -39,11 +41,6 @@ _RESULT_SLOTS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "logps/chosen", "logps/rejected", "nll", "spo/penalty", "spo/active_fraction", "count/empty_completions",
 )
-
-
-def _alloc(shape, dtype, device) -> Tensor:
-    """Every float buffer the launcher writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,18 +427,19 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
 
     use_sft = cfg.sft_weight > 0
     bco_batch_mean = cfg.loss_type == "bco_pair" and not has_bco_delta  # pass 1 needs the mean reward
-    grad = _alloc((S,), acc_torch, device)
-    result = _alloc((len(_RESULT_SLOTS),), acc_torch, device)
-    _loss_step_kernel[(1,)](
-        policy, counts_c, ref, anchor_c, bco_c, grad, result, P,
-        float(cfg.beta), float(cfg.label_smoothing), float(cfg.simpo_gamma), float(cfg.dpop_lambda),
-        float(cfg.rdpo_alpha), float(cfg.discopop_tau), math.log1p(-exo_e), math.log(exo_e),
-        float(cfg.sft_weight), float(cfg.spo_lambda), float(cfg.spo_margin),
-        LOSS=cfg.loss_type, MEAN_BASIS=cfg.mean_basis, HAS_REF=has_ref,
-        HAS_BCO_DELTA=has_bco_delta, USE_SFT=use_sft, USE_SPO=use_spo,
-        SPO_MEAN=cfg.spo_normalize == "mean", NEED_TOTALS=use_sft or bco_batch_mean, ACC=acc_tl,
-        BLOCK_P=_block_p(P), num_warps=4,
-    )
+    grad = TH.empty((S,), acc_torch, device)
+    result = TH.empty((len(_RESULT_SLOTS),), acc_torch, device)
+    with TH.device_guard(policy):
+        _loss_step_kernel[(1,)](
+            policy, counts_c, ref, anchor_c, bco_c, grad, result, P,
+            float(cfg.beta), float(cfg.label_smoothing), float(cfg.simpo_gamma), float(cfg.dpop_lambda),
+            float(cfg.rdpo_alpha), float(cfg.discopop_tau), math.log1p(-exo_e), math.log(exo_e),
+            float(cfg.sft_weight), float(cfg.spo_lambda), float(cfg.spo_margin),
+            LOSS=cfg.loss_type, MEAN_BASIS=cfg.mean_basis, HAS_REF=has_ref,
+            HAS_BCO_DELTA=has_bco_delta, USE_SFT=use_sft, USE_SPO=use_spo,
+            SPO_MEAN=cfg.spo_normalize == "mean", NEED_TOTALS=use_sft or bco_batch_mean, ACC=acc_tl,
+            BLOCK_P=_block_p(P), num_warps=4,
+        )
     metrics = {name: result[_RESULT_SLOTS.index(name)] for name in METRIC_NAMES
                if use_spo or name not in SPO_METRIC_NAMES}
     return LossStep(loss=result[0], grad=grad, metrics=metrics)

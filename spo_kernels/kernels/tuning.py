@@ -1,8 +1,9 @@
 """Per-GPU launch parameters of the Triton kernels: a committed JSON table that the launchers read.
 
-The launchers of ``linear_logprobs`` (fused-linear path) and ``logits_logprobs`` (logits path) start from
-built-in defaults (the values the code had before any GPU measurement) and replace the parameters of
-each kernel by the table's entry for (GPU, dtype, kernel, shape class) when there is one. The table is
+The launchers of ``linear_forward`` / ``linear_backward`` (fused-linear path, through
+``linear_config.kernel_config``) and ``logits_logprobs`` (logits path) start from built-in defaults
+(the values the code had before any GPU measurement) and replace the parameters of each kernel by the
+table's entry for (GPU, dtype, kernel, shape class) when there is one. The table is
 ``tuned_configs.json`` beside this file; ``benchmarks/gpu/tune.py`` (the ``tune`` step) measures it on a
 GPU and writes a file in exactly this format, to be copied over the committed one.
 
