@@ -33,17 +33,8 @@ may return ``None`` for the LSEs, and its ``loss_step`` returns a differentiable
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
-import torch
-
+from ..kernels.types import LinearGrads  # noqa: F401  (defined in the bottom layer, re-exported here)
 from ..losses import preference_loss_step
-
-
-class LinearGrads(NamedTuple):
-    hidden: Optional[torch.Tensor]
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
 
 
 class Backend:

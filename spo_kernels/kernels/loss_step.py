@@ -404,7 +404,7 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
         raise TypeError(f"policy_logps must be a float tensor, got {policy_logps.dtype}")
     acc_tl = tl.float64 if acc_torch == torch.float64 else tl.float32
 
-    ref_free = cfg.reference_free or cfg.loss_type in ("simpo", "cpo")
+    ref_free = cfg.base_reference_free
     has_ref = ref_logps is not None and not ref_free
     if has_ref and tuple(ref_logps.shape) != (S,):
         raise ValueError(f"ref_logps must be [{S}], got {tuple(ref_logps.shape)}")
