@@ -20,7 +20,7 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m training demo --out runs/demo
 
-# The paper's claim over 3 seeds: DPO, SimPO, IPO with and without SPO (CPU, about 30 minutes; not part of test).
+# The paper's claim over 3 seeds: DPO, SimPO, IPO with and without SPO (CPU, 15 to 30 minutes on 2 cores; not part of test).
 reproduce: $(VENV)/.installed
 	$(PY) -m training reproduce --out runs/reproduce
 

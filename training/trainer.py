@@ -217,7 +217,9 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler) -> int:
     # The trainer's own file; it holds RNG states (tuples, numpy arrays), hence weights_only=False.
     state = torch.load(path, weights_only=False)
     saved, now = state["config"], cfg.to_dict()
-    changed = sorted(k for k in now if k not in RESUME_FREE_FIELDS and saved.get(k) != now[k])
+    # A field the checkpoint predates counts as its default (checkpoints of older versions resume).
+    defaults = TrainConfig().to_dict()
+    changed = sorted(k for k in now if k not in RESUME_FREE_FIELDS and saved.get(k, defaults[k]) != now[k])
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"--resume with a different configuration than the checkpoint's ({diff})")
