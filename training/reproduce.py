@@ -33,7 +33,7 @@ import torch
 
 from .config import TrainConfig
 from .data import write_preference_jsonl
-from .demo import greedy_texts, heldout_logps
+from .demo import DemoSettings, greedy_texts, heldout_logps
 from .task import final_answer, make_pairs, split_problems
 
 # name -> loss fields of TrainConfig. Temperatures: DPO's usual beta; IPO's beta sets the target
@@ -60,27 +60,15 @@ WORKED_ANSWER = re.compile(r"^\d+\+\d+=\d+(,\d+\+\d+=\d+)*#\d+$")
 
 
 @dataclass
-class ReproduceSettings:
-    """``make reproduce``'s run. Data, SFT and preference-training sizes are the demo's (and so is the
-    SPO setting, which the demo documents as its default)."""
+class ReproduceSettings(DemoSettings):
+    """``make reproduce``'s run: the demo's data, SFT, preference-training and SPO settings
+    (:class:`training.demo.DemoSettings`, which documents the SPO default), over several seeds and
+    methods (the demo's single ``seed`` and ``beta`` are not used: ``seeds`` and each method's own beta)."""
 
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     methods: List[str] = field(default_factory=lambda: list(METHODS))
-    train_problems: int = 2000
-    heldout_problems: int = 200
-    sft_steps: int = 1000
-    sft_batch_size: int = 32
-    sft_lr: float = 3e-3
-    pref_steps: int = 300
-    pref_batch_size: int = 32
-    pref_lr: float = 1e-4
-    spo_lambda: float = 20.0
-    spo_margin: float = 0.05
-    spo_anchor: str = "reference"
-    spo_alpha: float = 0.1
     eval_every: int = 50
     jobs: int = 2
-    num_threads: int = 1
     progress: bool = False
 
     @classmethod
