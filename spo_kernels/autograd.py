@@ -121,8 +121,9 @@ class LinearSequenceLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend: Backend, softcap, temperature,
                 deterministic: bool = False, grad_filter_eps: float = 0.0):
         hidden2d = hidden.reshape(plan.num_rows, hidden.shape[-1])
-        seq, lse = backend.linear_forward(hidden2d, weight, bias, plan, softcap, temperature, save_lse=True)
+        seq, lse, extra = backend.linear_forward_for_backward(hidden2d, weight, bias, plan, softcap, temperature)
         ctx.save_for_backward(hidden2d, weight, bias, lse)
+        ctx.extra = extra  # the backend's own extra for the first backward (it keeps no state itself)
         ctx.plan, ctx.backend, ctx.softcap, ctx.temperature = plan, backend, softcap, temperature
         ctx.deterministic, ctx.grad_filter_eps = deterministic, grad_filter_eps
         ctx.shape = hidden.shape
@@ -132,10 +133,12 @@ class LinearSequenceLogprobs(torch.autograd.Function):
     def backward(ctx, grad_seq):
         hidden2d, weight, bias, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        extra, ctx.extra = ctx.extra, None  # used once: a second backward (retain_graph) recomputes
         grads = ctx.backend.linear_backward(
             hidden2d, weight, bias, ctx.plan, ctx.softcap, ctx.temperature, lse, grad_seq.contiguous(),
             need_hidden=need_h, need_weight=need_w, need_bias=need_b and bias is not None,
-            deterministic=ctx.deterministic, grad_filter_eps=ctx.grad_filter_eps)
+            deterministic=ctx.deterministic, grad_filter_eps=ctx.grad_filter_eps,
+            **({} if extra is None else {"extra": extra}))
         dh = grads.hidden.view(ctx.shape) if grads.hidden is not None else None
         return dh, grads.weight, grads.bias, None, None, None, None, None, None
 

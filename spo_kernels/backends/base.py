@@ -60,3 +60,10 @@ class Backend:
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
                         need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
         raise NotImplementedError(f"backend {self.name!r} has no fused-linear path")
+
+    def linear_forward_for_backward(self, hidden, weight, bias, plan, softcap, temperature):
+        """The forward of a differentiable call: ``(seq_logps, lse, extra)``. ``extra`` is anything else
+        this backend's backward can use (None here); the caller's autograd Function owns it and hands
+        it to ``linear_backward(..., extra=extra)`` once, so a backend keeps no state between calls."""
+        seq, lse = self.linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse=True)
+        return seq, lse, None

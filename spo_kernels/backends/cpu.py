@@ -96,10 +96,6 @@ def _torch_fallback():
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self):
-        # Frozen-head forward: (lse, (onehot - softmax) @ W [Nc, H]) for the backward of this call.
-        self._frozen = None
-
     # ---- logits path -------------------------------------------------------------------------
     def logits_forward(self, logits, plan, softcap, temperature):
         if logits.dtype not in _DTYPES:
@@ -118,28 +114,29 @@ class CpuBackend(Backend):
         if hidden.dtype not in _DTYPES:
             return _torch_fallback().linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
         ext = _require()
-        if save_lse and _frozen_head(hidden, weight, bias):
-            # Only dhidden will be asked for: compute (onehot - softmax) @ W now, while the logits tile is
-            # at hand, and let the backward scale it by g (one GEMM fewer in all).
-            seq, lse, dh_unit = ext.linear_forward_frozen(hidden, weight, bias, plan.token_idx, plan.targets,
-                                                          plan.seq_offsets, _softcap(softcap), float(temperature),
-                                                          _block_bytes())
-            self._frozen = (lse, dh_unit)
-            return seq, lse
         seq, lse = ext.linear_forward(hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets,
                                       _softcap(softcap), float(temperature), _block_bytes())
         return seq, (lse if save_lse else None)
 
+    def linear_forward_for_backward(self, hidden, weight, bias, plan, softcap, temperature):
+        if hidden.dtype in _DTYPES and _frozen_head(hidden, weight, bias):
+            # Only dhidden will be asked for: compute (onehot - softmax) @ W now, while the logits tile is
+            # at hand, and let the backward scale it by g (one GEMM fewer in all). The caller keeps it.
+            seq, lse, dh_unit = _require().linear_forward_frozen(
+                hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets, _softcap(softcap),
+                float(temperature), _block_bytes())
+            return seq, lse, dh_unit
+        return super().linear_forward_for_backward(hidden, weight, bias, plan, softcap, temperature)
+
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
+                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0,
+                        extra=None):
         # Always deterministic and exact: both options are accepted and need nothing.
         if hidden.dtype not in _DTYPES:
             return _torch_fallback().linear_backward(hidden, weight, bias, plan, softcap, temperature, lse,
                                                      grad_seq, need_hidden, need_weight, need_bias)
-        frozen, self._frozen = self._frozen, None  # used once: a second backward recomputes
-        if (frozen is not None and frozen[0] is lse and need_hidden and not need_weight
-                and not (need_bias and bias is not None)):
-            dh_unit = frozen[1]
+        if extra is not None and need_hidden and not need_weight and not (need_bias and bias is not None):
+            dh_unit = extra  # (onehot - softmax) @ W from linear_forward_for_backward
             dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
             g_tok = grad_seq.to(dh_unit.dtype).index_select(0, plan.seq_id)
             dh.index_copy_(0, plan.token_idx, (dh_unit * g_tok[:, None]).to(hidden.dtype))
