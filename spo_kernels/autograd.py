@@ -137,8 +137,7 @@ class LinearSequenceLogprobs(torch.autograd.Function):
         grads = ctx.backend.linear_backward(
             hidden2d, weight, bias, ctx.plan, ctx.softcap, ctx.temperature, lse, grad_seq.contiguous(),
             need_hidden=need_h, need_weight=need_w, need_bias=need_b and bias is not None,
-            deterministic=ctx.deterministic, grad_filter_eps=ctx.grad_filter_eps,
-            **({} if extra is None else {"extra": extra}))
+            deterministic=ctx.deterministic, grad_filter_eps=ctx.grad_filter_eps, extra=extra)
         dh = grads.hidden.view(ctx.shape) if grads.hidden is not None else None
         return dh, grads.weight, grads.bias, None, None, None, None, None, None
 

@@ -58,7 +58,10 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no fused-linear path")
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
+                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0,
+                        extra=None):
+        """``extra``: what this backend's ``linear_forward_for_backward`` returned beside the LSE (None for
+        backends that return nothing more, or on a second backward)."""
         raise NotImplementedError(f"backend {self.name!r} has no fused-linear path")
 
     def linear_forward_for_backward(self, hidden, weight, bias, plan, softcap, temperature):

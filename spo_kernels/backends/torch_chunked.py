@@ -134,7 +134,8 @@ class TorchChunkedBackend(Backend):
         return _sequence_sums(logp, plan), (lse if save_lse else None)
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
+                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0,
+                        extra=None):
         # Always deterministic (fixed chunk order, no atomics) and exact (no filter).
         acc = _acc_dtype(hidden.dtype)
         g_tok = grad_seq.to(acc)[plan.seq_id]

@@ -34,7 +34,8 @@ class TritonBackend(Backend):
         return linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
 
     def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0):
+                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0,
+                        extra=None):
         from ..kernels.linear_backward import linear_backward
         return linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
                                need_hidden, need_weight, need_bias, deterministic, grad_filter_eps)
