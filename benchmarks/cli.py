@@ -103,8 +103,7 @@ def main(argv=None) -> int:
     overrides = {k: getattr(args, k) for k in ("P", "T", "H", "V", "dtype", "dist") if getattr(args, k) is not None}
     if overrides:
         shapes = list(dict.fromkeys(replace(s, **overrides) for s in shapes))
-    methods = args.methods.split(",") if args.methods else \
-        list(dict.fromkeys(m for s in shapes for m in METHODS[s.workload]))
+    methods = args.methods.split(",") if args.methods else None  # None: each workload's own list
 
     stem = args.preset or shapes[0].key
     name = args.name or f"{stem}-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
     lines = []
     try:
         for s in shapes:  # a method list may not fit both workloads: each shape runs its own methods
-            ms = [m for m in methods if m in METHODS[s.workload] or m.startswith("spo")] if not args.methods else methods
+            ms = methods or METHODS[s.workload]
             lines = runner.run([s], ms, args.device, jsonl, ref_dir, args.repeats, tag=name, resume=True, log=log)
     finally:
         import shutil

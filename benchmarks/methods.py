@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import spo_kernels as sk
 
-BETA = 0.1
+from .workloads import BETA, dpo_sigmoid
+
 
 # name -> what it is (the CLI lists these; ``build`` raises Unavailable for anything else).
 METHODS = {
@@ -43,12 +44,6 @@ class Unavailable(Exception):
     """The method cannot run here (missing package or device)."""
 
 
-def _dpo_sigmoid(L, R):
-    P = L.shape[0] // 2
-    D = (L[:P] - R[:P]) - (L[P:] - R[P:])
-    return -F.logsigmoid(BETA * D).mean()
-
-
 # ---- eager PyTorch, as TRL's DPOTrainer computes it ---------------------------------------------
 
 def eager_sequence_logps(logits, labels):
@@ -63,12 +58,12 @@ def _eager_linear_loss(h, W, labels, rh, rW):
     L = eager_sequence_logps(h @ W.t(), labels)
     with torch.no_grad():
         R = eager_sequence_logps(rh @ rW.t(), labels)
-    return _dpo_sigmoid(L, R)
+    return dpo_sigmoid(L, R)
 
 
 def _eager_logits_loss(z, labels, ref_logps, S):
     # Packed [N, V] with equal-length sequences: view as padded [S, T, V] for the per-sequence sum.
-    return _dpo_sigmoid(eager_sequence_logps(z.view(S, -1, z.shape[-1]), labels.view(S, -1)), ref_logps)
+    return dpo_sigmoid(eager_sequence_logps(z.view(S, -1, z.shape[-1]), labels.view(S, -1)), ref_logps)
 
 
 # ---- peers' log-prob functions: (hidden [S, T, H], weight [V, H]) -> summed logps [S] -------------
@@ -214,7 +209,7 @@ def _logps_step(policy, reference, h, W, rh, rW):
         L = policy(h, W)
         with torch.no_grad():
             R = reference(rh, rW)
-        loss = _dpo_sigmoid(L.float(), R.float())
+        loss = dpo_sigmoid(L.float(), R.float())
         loss.backward()
         return {"loss": loss.detach(), "grads": {"hidden": h.grad, "weight": W.grad}}
     return step

@@ -19,20 +19,11 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
-from .workloads import Shape, make_inputs
+from .workloads import Shape, dpo_sigmoid, make_inputs
 
-BETA = 0.1
 SAMPLE_ROWS = 512
 CHUNK_BYTES = 2 ** 31  # float64 logits (with log-softmax and gradient) per chunk
-
-
-def dpo_sigmoid(L, R, beta: float = BETA):
-    """Mean over pairs of ``-logsigmoid(beta * ((L_w - R_w) - (L_l - R_l)))`` (TRL's sigmoid loss)."""
-    P = L.shape[0] // 2
-    D = (L[:P] - R[:P]) - (L[P:] - R[P:])
-    return -F.logsigmoid(beta * D).mean()
 
 
 def sample_rows(n: int, seed: int = 1234, k: int = SAMPLE_ROWS) -> torch.Tensor:

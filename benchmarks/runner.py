@@ -69,7 +69,6 @@ def run(shapes: List[Shape], methods: List[str], device: str, jsonl: str, ref_di
     os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)
     if not resume and os.path.exists(jsonl):
         os.remove(jsonl)
-    have = read_lines(jsonl)
 
     def left():
         return float("inf") if budget_s is None else budget_s - (time.monotonic() - t_start)
@@ -79,7 +78,7 @@ def run(shapes: List[Shape], methods: List[str], device: str, jsonl: str, ref_di
                        min(timeout, left()) if budgeted else timeout)
 
     sj = json.dumps([s.to_dict() for s in shapes])
-    if device == "cuda" and not any(r.get("kind") == "rates" for r in have):
+    if device == "cuda" and not any(r.get("kind") == "rates" for r in read_lines(jsonl)):
         log("ceilings: bf16 matmul and device copy ...")
         rc, err = worker(["--method", "rates"], 300)
         if rc != 0:
@@ -95,32 +94,36 @@ def run(shapes: List[Shape], methods: List[str], device: str, jsonl: str, ref_di
     else:
         log("float64 reference: cached")
 
+    def measured(m):  # this method's result lines, by shape
+        return {_key(r["shape"]): r for r in read_lines(jsonl) if r.get("kind") == "result" and r["method"] == m}
+
+    def not_measured(m, shape, status, reason, **more):
+        rec = dict(kind="result", tag=tag, device=device, method=m, label=m, shape=shape.to_dict(), status=status,
+                   reason=reason, **more)
+        append_line(jsonl, rec)
+        return rec
+
     for m in methods:
-        done = {_key(r["shape"]) for r in read_lines(jsonl) if r.get("kind") == "result" and r["method"] == m}
-        todo = [s for s in shapes if s.key not in done]
+        todo = [s for s in shapes if s.key not in measured(m)]
         if not todo:
             log(f"{m}: already measured")
             continue
         if left() <= 5:
             for s in todo:
-                append_line(jsonl, {"kind": "result", "tag": tag, "device": device, "method": m, "label": m,
-                                    "shape": s.to_dict(), "status": "skipped", "reason": "the run's time budget ran out"})
+                not_measured(m, s, "skipped", "the run's time budget ran out")
             log(f"{m}: skipped (time budget)")
             continue
         log(f"{m} on {len(todo)} shape(s) ...")
         t0 = time.monotonic()
         rc, err = worker(["--method", m, "--shapes", json.dumps([s.to_dict() for s in todo]), "--ref-dir", ref_dir,
                           "--repeats", str(repeats)], 3600)
-        got = {_key(r["shape"]) for r in read_lines(jsonl) if r.get("kind") == "result" and r["method"] == m}
+        got = measured(m)
         for s in todo:
-            if s.key not in got:
+            if s.key not in got:  # the worker died (or was killed) before writing this shape's line
                 tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
-                append_line(jsonl, {"kind": "result", "tag": tag, "device": device, "method": m, "label": m,
-                                    "shape": s.to_dict(), "status": "error",
-                                    "reason": f"worker exited with {rc}: {tail[0][:300]}", "stderr_tail": err[-3000:]})
-        for r in read_lines(jsonl):
-            if r.get("kind") == "result" and r["method"] == m and _key(r["shape"]) in {s.key for s in todo}:
-                log("  " + one_line(r))
+                got[s.key] = not_measured(m, s, "error", f"worker exited with {rc}: {tail[0][:300]}",
+                                          stderr_tail=err[-3000:])
+            log("  " + one_line(got[s.key]))
         log(f"  ({time.monotonic() - t0:.0f} s)")
     return read_lines(jsonl)
 

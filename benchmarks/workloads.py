@@ -28,6 +28,17 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+BETA = 0.1  # the benchmarks' loss: DPO sigmoid on summed completion log-probs
+
+
+def dpo_sigmoid(L, R, beta: float = BETA):
+    """Mean over pairs of ``-logsigmoid(beta * ((L_w - R_w) - (L_l - R_l)))`` (TRL's sigmoid loss); ``L``,
+    ``R`` are ``[2P]`` summed log-probs, chosen first."""
+    P = L.shape[0] // 2
+    D = (L[:P] - R[:P]) - (L[P:] - R[P:])
+    return -torch.nn.functional.logsigmoid(beta * D).mean()
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 DISTS = ("random", "peaked")
