@@ -50,3 +50,18 @@ class PreferenceLossOutput:
         out = {"loss": float(self.loss.detach())}
         out.update({k: float(v) for k, v in self.metrics.items()})
         return out
+
+
+class SequenceStats(NamedTuple):
+    """Per-sequence sums of the per-token statistics (SPEC 8) over completion tokens, ``[S]`` float64,
+    detached; built from :class:`spo_kernels.kernels.types.TokenStats` by the API layer and handed to
+    the loss step (metrics ``entropy``, ``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``,
+    and WPO's weights). Token weights (SPEC 8) do not apply to these sums.
+
+    entropy_sum, log_sum_p2_sum, mean_logit_sum, argmax_hits: ``sum_t m_t x_t`` per sequence.
+    """
+
+    entropy_sum: Tensor
+    log_sum_p2_sum: Tensor
+    mean_logit_sum: Tensor
+    argmax_hits: Tensor
