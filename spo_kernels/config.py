@@ -20,7 +20,7 @@ MEAN_BASIS_LOSSES = ("ipo", "simpo")
 
 SPO_ANCHORS = ("reference", "one_step")
 # Fields that are flags: exactly a bool (a string such as "no" is truthy and would be taken as True).
-BOOL_FIELDS = ("reference_free",)
+BOOL_FIELDS = ("reference_free", "use_weighting")
 SPO_NORMALIZE = ("mean", "sum")
 
 
@@ -48,7 +48,13 @@ class PreferenceLossConfig:
         spo_margin: delta.
         spo_normalize: "mean" (per-token log-probs, default) or "sum".
         spo_anchor: "reference" (a = Rbar_w) or "one_step" (caller passes the anchor tensor).
-    Logit transform (SPEC 2): ``z <- softcap * tanh(z / softcap)`` then ``z <- z / temperature``.
+    TRL 1.16 options (SPEC 3, 8):
+        use_weighting: WPO: each pair's loss is weighted by ``min(1, exp(mean_t(logp_t - log sum_v p_v^2)
+            of chosen + the same of rejected))`` (needs the per-token statistics; detached).
+        ld_alpha: LD-DPO: completion tokens past the shorter completion of the pair count with weight
+            ld_alpha in L (policy and reference); None = off (a per-token weight, SPEC 8).
+    Logit transform (SPEC 2): ``z <- logit_multiplier * z``, then ``z <- softcap * tanh(z / softcap)``,
+    then ``z <- z / temperature``.
     ignore_index: label value of tokens outside completions.
     """
 
@@ -65,6 +71,9 @@ class PreferenceLossConfig:
     spo_margin: float = 0.0
     spo_normalize: str = "mean"
     spo_anchor: str = "reference"
+    use_weighting: bool = False
+    ld_alpha: Optional[float] = None
+    logit_multiplier: float = 1.0
     softcap: Optional[float] = None
     temperature: float = 1.0
     ignore_index: int = -100
@@ -124,6 +133,13 @@ class PreferenceLossConfig:
                              f"to the loss function), got {self.spo_anchor!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        _finite("logit_multiplier", self.logit_multiplier)
+        if self.logit_multiplier <= 0:
+            raise ValueError(f"logit_multiplier must be > 0, got {self.logit_multiplier}")
+        if self.ld_alpha is not None:
+            _finite("ld_alpha", self.ld_alpha)
+            if not 0.0 <= self.ld_alpha <= 1.0:
+                raise ValueError(f"ld_alpha must be in [0, 1] or None, got {self.ld_alpha}")
         if self.softcap is not None:
             _finite("softcap", self.softcap)
             if self.softcap <= 0:
