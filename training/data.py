@@ -1,4 +1,4 @@
-"""Preference data: TRL's JSONL format in, padded ``[2P, T]`` batches out.
+"""Preference data: TRL's JSONL format in, padded ``[2P, T]`` or packed ``[1, N]`` batches out.
 
 Each line is a JSON object with string fields ``prompt``, ``chosen`` and ``rejected``. Tokenization
 follows TRL's DPOTrainer for decoder-only models: prompt and completions are tokenized separately
@@ -6,7 +6,8 @@ without special tokens, EOS is appended to each completion, the prompt is trunca
 ``max_prompt_length`` and each completion from the right to ``max_completion_length``; the sequence is
 prompt + completion. Labels are aligned to positions (the label at position t is the token the model
 must predict from position t, i.e. token t+1) and are ``ignore_index`` outside the completion and on
-padding. Rows ``0..P-1`` of a batch are the chosen sequences, ``P..2P-1`` the rejected ones.
+padding. Rows ``0..P-1`` of a batch are the chosen sequences, ``P..2P-1`` the rejected ones; a packed
+batch holds the same sequences in the same order, back to back in one row, with ``cu_seqlens``.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 def load_preference_jsonl(path: str) -> List[dict]:
     """Read a JSONL file of ``{"prompt", "chosen", "rejected"}`` objects.
 
-    Blank lines are skipped. Anything else that is not such an object raises ``ValueError`` naming the
-    file and the 1-based line number.
+    Blank lines are skipped. Anything else that is not such an object (or text that is not UTF-8) raises
+    ``ValueError`` naming the file and the 1-based line number.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}, line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {err.start + 1} "
+                                 f"of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -134,3 +140,57 @@ def collate_pairs(pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_to
         attention_mask[r, :n] = 1
         labels[r, :n] = torch.tensor(row_labels)
     return PreferenceBatch(input_ids, attention_mask, labels, torch.tensor(list(indices), dtype=torch.long))
+
+
+@dataclass
+class PackedPreferenceBatch:
+    """P pairs packed padding-free into one row (SPEC 6, layout B).
+
+    input_ids:    ``[1, N]`` int64, the 2P sequences back to back (chosen first), no padding.
+    position_ids: ``[1, N]`` int64, restarting at 0 at every sequence start (what tells the model's
+                  attention where sequences end: flash-attn varlen, or a block-diagonal causal mask).
+    labels:       ``[N]`` int64, aligned targets, ``ignore_index`` outside completions (so also on each
+                  sequence's last position: no target crosses into the next sequence).
+    cu_seqlens:   ``[2P + 1]`` int32, sequence boundaries.
+    indices:      ``[P]`` int64, the pairs' positions in the dataset.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return (self.cu_seqlens.numel() - 1) // 2
+
+    def chosen(self) -> "PackedPreferenceBatch":
+        """The chosen sequences only (the first P), for SFT."""
+        P = self.num_pairs
+        end = int(self.cu_seqlens[P])
+        return PackedPreferenceBatch(self.input_ids[:, :end], self.position_ids[:, :end], self.labels[:end],
+                                     self.cu_seqlens[:P + 1], self.indices)
+
+
+def collate_packed(pairs: Sequence[TokenizedPair], indices: Sequence[int],
+                   ignore_index: int = -100) -> PackedPreferenceBatch:
+    """Pack P tokenized pairs into one padding-free row, chosen sequences first (the same sequences,
+    labels and order as :func:`collate_pairs`, without the padding)."""
+    rows = [_sequence_and_labels(p.prompt_ids, p.chosen_ids, ignore_index) for p in pairs]
+    rows += [_sequence_and_labels(p.prompt_ids, p.rejected_ids, ignore_index) for p in pairs]
+    lengths = [len(tokens) for tokens, _ in rows]
+    tokens = [t for row, _ in rows for t in row]
+    labels = [t for _, row in rows for t in row]
+    positions = [t for n in lengths for t in range(n)]
+    cu_seqlens = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    return PackedPreferenceBatch(torch.tensor([tokens], dtype=torch.long), torch.tensor([positions], dtype=torch.long),
+                                 torch.tensor(labels, dtype=torch.long), cu_seqlens,
+                                 torch.tensor(list(indices), dtype=torch.long))
+
+
+def completion_targets(pair: TokenizedPair) -> int:
+    """How many positions of the chosen sequence carry a completion target (its labels that are not
+    ``ignore_index``): every completion token, less the first one when the prompt is empty."""
+    return len(pair.chosen_ids) - (0 if pair.prompt_ids else 1)

@@ -135,7 +135,8 @@ def _run_demo(out_dir: str, s: DemoSettings) -> dict:
     sft_cfg = TrainConfig(data=train_path, out_dir=os.path.join(out_dir, "sft"), objective="sft",
                           max_steps=s.sft_steps, batch_size=s.sft_batch_size, lr=s.sft_lr,
                           warmup_steps=max(1, s.sft_steps // 20), lr_schedule="cosine", weight_decay=0.01,
-                          seed=s.seed, save_every=s.sft_steps, progress=s.progress, num_threads=s.num_threads)
+                          seed=s.seed, save_every=s.sft_steps, progress=s.progress, num_threads=s.num_threads,
+                          overwrite=True)
     print(f"[demo] SFT: {s.sft_steps} steps")
     train(sft_cfg)
     sft_path = os.path.join(sft_cfg.out_dir, FINAL_DIR)
@@ -146,7 +147,7 @@ def _run_demo(out_dir: str, s: DemoSettings) -> dict:
                           reference="precompute", ref_cache=os.path.join(out_dir, "ref_logps.pt"),
                           max_steps=s.pref_steps, batch_size=s.pref_batch_size, lr=s.pref_lr,
                           lr_schedule="constant", seed=s.seed, save_every=s.pref_steps, progress=s.progress,
-                          num_threads=s.num_threads)
+                          num_threads=s.num_threads, overwrite=True)
     spo_cfg = dpo_cfg.replace(out_dir=os.path.join(out_dir, "dpo_spo"), spo_lambda=s.spo_lambda,
                               spo_margin=s.spo_margin, spo_anchor=s.spo_anchor, spo_alpha=s.spo_alpha)
 

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 from torch.func import functional_call
 
-from spo_kernels import fused_linear_sequence_logprobs
+from spo_kernels import fused_linear_preference_loss, fused_linear_sequence_logprobs
 
 Tensor = torch.Tensor
 
@@ -91,9 +91,17 @@ def lm_head(model) -> Head:
     return Head(weight=head.weight, bias=bias, softcap=float(softcap) if softcap else None)
 
 
-def final_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """``[B, T] -> [B, T, H]``: the backbone's last hidden state (after its final norm), no LM head."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def final_hidden(model, input_ids: Tensor, attention_mask: Optional[Tensor],
+                 position_ids: Optional[Tensor] = None) -> Tensor:
+    """``[B, T] -> [B, T, H]``: the backbone's last hidden state (after its final norm), no LM head.
+
+    Packed rows: ``attention_mask=None`` and ``position_ids`` restarting at 0 at each sequence start;
+    Hugging Face models then attend within each sequence only (flash-attn's varlen kernel, or a
+    block-diagonal causal mask for SDPA / eager attention)."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = model.get_decoder()(**kwargs)
     return out.last_hidden_state
 
 
@@ -106,6 +114,81 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: 
     return fused_linear_sequence_logprobs(hidden, head.weight.to(hidden.dtype), labels,
                                           None if head.bias is None else head.bias.to(hidden.dtype),
                                           softcap=head.softcap, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss inside a module's forward (what DDP / FSDP2 wrap)
+# ---------------------------------------------------------------------------------------------
+
+class PolicyWithLoss(torch.nn.Module):
+    """A causal LM whose forward returns the fused loss, not logits.
+
+    Distributed wrappers (DDP, FSDP2) act in their module's forward: DDP's hooks, FSDP2's all-gather of
+    the sharded weights (the LM head included) and their reshard. Computing the loss inside this forward
+    means the head the fused loss reads is the whole, unsharded weight, and the gradients it produces
+    are reduced by the wrapper like any other.
+
+    ``forward(input_ids, labels, attention_mask=None, position_ids=None, cu_seqlens=None, ...)``:
+        padded: ``input_ids``/``attention_mask``/``labels`` ``[2P, T]``; packed: ``input_ids``/``position_ids``
+        ``[1, N]``, ``labels [N]``, ``cu_seqlens [2P+1]`` int32. Objective "preference" returns the
+        :class:`~spo_kernels.PreferenceLossOutput` of :func:`~spo_kernels.fused_linear_preference_loss`
+        (``ref_logps [2P]`` and ``spo_anchor [P]`` passed through); objective "sft" returns
+        ``(loss, SequenceLogprobs)`` of the chosen rows given, with the loss normalized by
+        ``token_count`` (the whole step's completion tokens, so micro-batches add up to the batch's
+        token-mean NLL).
+    """
+
+    def __init__(self, model, loss_config=None, backend: Optional[str] = None, objective: str = "preference"):
+        super().__init__()
+        self.model = model
+        self.loss_config = loss_config
+        self.backend = backend
+        self.objective = objective
+
+    def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                ref_logps: Optional[Tensor] = None, spo_anchor: Optional[Tensor] = None,
+                token_count=None):
+        head = lm_head(self.model)
+        hidden = final_hidden(self.model, input_ids, attention_mask, position_ids)
+        weight, bias = head.weight, head.bias
+        if hidden.dtype != weight.dtype:  # under autocast the backbone returns its own dtype; the head follows
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        if cu_seqlens is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        if self.objective == "sft":
+            seq = fused_linear_sequence_logprobs(hidden, weight, labels, bias, cu_seqlens=cu_seqlens,
+                                                 softcap=head.softcap, backend=self.backend)
+            count = seq.counts.sum().clamp(min=1) if token_count is None else token_count
+            return -seq.logps.sum() / count, seq
+        ref_kwargs = {} if ref_logps is None else {"ref_logps": ref_logps}
+        return fused_linear_preference_loss(hidden, weight, labels, bias, cu_seqlens=cu_seqlens,
+                                            config=self.loss_config, spo_anchor=spo_anchor, backend=self.backend,
+                                            **ref_kwargs)
+
+
+class SequenceLogps(torch.nn.Module):
+    """A frozen model whose forward returns the summed completion log-probs ``[S]`` fp32 of its rows
+    (padded ``[S, T]`` or packed with ``cu_seqlens``), forward only: the reference model, wrappable by
+    FSDP2 like the policy (its head is read inside its own forward)."""
+
+    def __init__(self, model, backend: Optional[str] = None):
+        super().__init__()
+        self.model = model
+        self.backend = backend
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        head = lm_head(self.model)
+        hidden = final_hidden(self.model, input_ids, attention_mask, position_ids)
+        if cu_seqlens is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        seq = fused_linear_sequence_logprobs(hidden, head.weight.to(hidden.dtype), labels,
+                                             None if head.bias is None else head.bias.to(hidden.dtype),
+                                             cu_seqlens=cu_seqlens, softcap=head.softcap, backend=self.backend)
+        return seq.logps.float()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def _sft_config(s: ReproduceSettings, seed: int, out_dir: str) -> TrainConfig:
                        objective="sft", max_steps=s.sft_steps, batch_size=s.sft_batch_size, lr=s.sft_lr,
                        warmup_steps=max(1, s.sft_steps // 20), lr_schedule="cosine", weight_decay=0.01,
                        seed=seed, save_every=s.sft_steps, progress=s.progress, plot=False,
-                       num_threads=s.num_threads)
+                       num_threads=s.num_threads, overwrite=True)
 
 
 def method_config(s: ReproduceSettings, seed: int, out_dir: str, name: str) -> TrainConfig:
@@ -157,7 +157,7 @@ def method_config(s: ReproduceSettings, seed: int, out_dir: str, name: str) -> T
                        reference="precompute", ref_cache=os.path.join(out_dir, "ref_logps.pt"),
                        max_steps=s.pref_steps, batch_size=s.pref_batch_size, lr=s.pref_lr, lr_schedule="constant",
                        seed=seed, save_every=s.pref_steps, progress=s.progress, plot=False,
-                       num_threads=s.num_threads, **fields)
+                       num_threads=s.num_threads, overwrite=True, **fields)
 
 
 def run_sft(s: ReproduceSettings, seed: int, out_dir: str) -> dict:

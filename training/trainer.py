@@ -1,18 +1,22 @@
 """The training loop: :func:`train` (the loop itself is ``_train``, read top to bottom).
 
-Per step (objective "preference"):
-    batch [2P, T] -> backbone -> hidden [2P, T, H]
-    (+ reference log-probs [2P]: cached, or a frozen model's hidden states)
+Per optimizer step (objective "preference"), on each of the run's processes:
+    the step's pairs (a pure function of (seed, step)) -> this rank's slice -> ``grad_accum`` micro-batches
+    micro-batch [2P, T] padded, or [1, N] packed with cu_seqlens
+    (+ reference log-probs [2P]: cached, or a frozen model's forward)
     (+ SPO one-step anchor [P] when spo_anchor="one_step")
-    -> fused_linear_preference_loss(hidden, lm_head.weight, labels, ...) -> loss -> AdamW step
-Objective "sft" uses the chosen rows only and the token-mean NLL from fused_linear_sequence_logprobs.
+    -> PolicyWithLoss (backbone + fused_linear_preference_loss inside the forward that DDP/FSDP2 wrap)
+    -> loss / grad_accum -> backward; then clip, AdamW step, LR schedule.
+Objective "sft" uses the chosen rows only and the token-mean NLL of the whole step's chosen tokens.
 
-The data order is a pure function of (seed, step), and a checkpoint holds the model, optimizer,
-scheduler, RNG states and the step, so ``resume=True`` continues bit-for-bit where a run stopped.
+The data order is a pure function of (seed, step), whatever the world size; a checkpoint holds the
+model, optimizer, scheduler, RNG states and the step, so ``resume=True`` continues bit-for-bit where a
+run stopped (on the same world size). Rank 0 alone writes metrics, plots and the final model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -20,6 +24,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,23 +33,26 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from spo_kernels import fused_linear_preference_loss, fused_linear_sequence_logprobs
+from spo_kernels import fused_linear_sequence_logprobs
 
-from .config import RESUME_FREE_FIELDS, TrainConfig
-from .data import PreferenceBatch, TokenizedPair, collate_pairs, load_preference_jsonl, tokenize_pair
-from .modeling import BuiltinModelSize, build_builtin_model, final_hidden, lm_head, load_model, one_step_anchor
+from . import distributed
+from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FILE, FINAL_DIR, METRICS_FILE, keep_metrics_up_to,  # noqa: F401
+                         load_checkpoint, prepare_run_folder, read_metrics, save_checkpoint)
+from .config import TrainConfig
+from .data import (PackedPreferenceBatch, PreferenceBatch, TokenizedPair, collate_packed, collate_pairs,
+                   completion_targets, load_preference_jsonl, tokenize_pair)
+from .modeling import (BuiltinModelSize, PolicyWithLoss, SequenceLogps, build_builtin_model, final_hidden,
+                       lm_head, load_model, one_step_anchor)
 from .tokenizer import CharTokenizer, load_tokenizer
 
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-FINAL_DIR = "final"
 PLOT_FILE = "logps.png"
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}
 
 
 @dataclass
 class TrainResult:
-    """What a run leaves behind: the trained model, the last completed step, and why it stopped."""
+    """What a run leaves behind: the trained model (under FSDP2, this rank's sharded module), the last
+    completed step, and why it stopped."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -138,8 +146,31 @@ class BatchOrder:
         return self._order[k * self.batch_size:(k + 1) * self.batch_size]
 
 
-def make_batch(pairs: List[TokenizedPair], indices: List[int], tokenizer) -> PreferenceBatch:
-    return collate_pairs([pairs[i] for i in indices], indices, tokenizer.pad_token_id)
+def make_batch(pairs: List[TokenizedPair], indices: List[int], tokenizer, packed: bool = False):
+    """The padded :class:`PreferenceBatch` (or, ``packed``, the :class:`PackedPreferenceBatch`) of the pairs
+    at ``indices``, chosen sequences first."""
+    chosen = [pairs[i] for i in indices]
+    if packed:
+        return collate_packed(chosen, indices)
+    return collate_pairs(chosen, indices, tokenizer.pad_token_id)
+
+
+def batch_inputs(batch, device: torch.device) -> dict:
+    """The keyword inputs of :class:`PolicyWithLoss` / :class:`SequenceLogps` for a batch, on ``device``."""
+    if isinstance(batch, PackedPreferenceBatch):
+        return dict(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                    labels=batch.labels.to(device), cu_seqlens=batch.cu_seqlens.to(device))
+    return dict(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                labels=batch.labels.to(device))
+
+
+def rank_micro_batches(indices: List[int], runtime: distributed.Runtime, grad_accum: int) -> List[List[int]]:
+    """This rank's micro-batches of a step's pairs: rank r takes the r-th of ``world_size`` equal slices,
+    cut into ``grad_accum`` equal micro-batches (so every pair of the step is used exactly once)."""
+    per_rank = len(indices) // runtime.world_size
+    mine = indices[runtime.rank * per_rank:(runtime.rank + 1) * per_rank]
+    size = per_rank // grad_accum
+    return [mine[k * size:(k + 1) * size] for k in range(grad_accum)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,100 +180,47 @@ def make_batch(pairs: List[TokenizedPair], indices: List[int], tokenizer) -> Pre
 @torch.no_grad()
 def sequence_logps_of_pairs(model, pairs: List[TokenizedPair], tokenizer, batch_size: int,
                             backend: Optional[str] = None) -> torch.Tensor:
-    """``[N, 2]`` fp32 summed completion log-probs (chosen, rejected) of every pair, forward only."""
+    """``[N, 2]`` fp32 (on the CPU) summed completion log-probs (chosen, rejected) of every pair, forward only."""
     head = lm_head(model)
+    device = head.weight.device
     out = torch.empty(len(pairs), 2, dtype=torch.float32)
     for start in range(0, len(pairs), batch_size):
         idx = list(range(start, min(start + batch_size, len(pairs))))
         batch = make_batch(pairs, idx, tokenizer)
-        hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
-        seq = fused_linear_sequence_logprobs(hidden, head.weight, batch.labels, head.bias,
+        hidden = final_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+        seq = fused_linear_sequence_logprobs(hidden, head.weight, batch.labels.to(device), head.bias,
                                              softcap=head.softcap, backend=backend)
         P = len(idx)
-        out[start:start + P, 0] = seq.logps[:P].float()
-        out[start:start + P, 1] = seq.logps[P:].float()
+        out[start:start + P, 0] = seq.logps[:P].float().cpu()
+        out[start:start + P, 1] = seq.logps[P:].float().cpu()
     return out
 
 
 def cached_reference_logps(cfg: TrainConfig, model, pairs, tokenizer) -> torch.Tensor:
     """The starting model's ``[N, 2]`` log-probs of the data, from the cache file when it matches
-    (same data file, tokenization and starting weights), else computed now and saved there."""
+    (same data file, tokenization and starting weights), else computed now and saved there. A cache that
+    cannot be read (a run killed while writing it, a damaged file) is recomputed, with a message."""
     path = cfg.ref_cache or os.path.join(cfg.out_dir, "ref_logps.pt")
     with open(cfg.data, "rb") as f:
         data_hash = hashlib.sha256(f.read()).hexdigest()
     key = {"data": data_hash, "model": model_fingerprint(model),
            "max_prompt_length": cfg.max_prompt_length, "max_completion_length": cfg.max_completion_length}
     if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        if cached.get("key") == key:
+        try:
+            cached = torch.load(path, weights_only=True)
+            usable = (isinstance(cached, dict) and cached.get("key") == key
+                      and isinstance(cached.get("logps"), torch.Tensor) and cached["logps"].shape == (len(pairs), 2))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed, never trusted
+            print(f"[train] reference cache {path} is unreadable ({type(err).__name__}: {str(err)[:120]}); "
+                  f"recomputing it", file=sys.stderr)
+            usable = False
+        if usable:
             return cached["logps"]
     logps = sequence_logps_of_pairs(model, pairs, tokenizer, cfg.batch_size, cfg.backend)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"key": key, "logps": logps}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return logps
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def save_checkpoint(cfg: TrainConfig, step: int, order: BatchOrder, model, optimizer, scheduler) -> str:
-    epoch, batch_in_epoch = order.position(step)
-    state = {
-        "step": step,
-        "data_position": {"epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                          "examples_seen": step * order.batch_size},
-        "config": cfg.to_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }
-    directory = os.path.join(cfg.out_dir, CHECKPOINT_DIR)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, CHECKPOINT_FILE)
-    # Write then rename: a kill during the write leaves the previous checkpoint intact.
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler) -> int:
-    path = os.path.join(cfg.out_dir, CHECKPOINT_DIR, CHECKPOINT_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    # The trainer's own file; it holds RNG states (tuples, numpy arrays), hence weights_only=False.
-    state = torch.load(path, weights_only=False)
-    saved, now = state["config"], cfg.to_dict()
-    # A field the checkpoint predates counts as its default (checkpoints of older versions resume).
-    defaults = TrainConfig().to_dict()
-    changed = sorted(k for k in now if k not in RESUME_FREE_FIELDS and saved.get(k, defaults[k]) != now[k])
-    if changed:
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"--resume with a different configuration than the checkpoint's ({diff})")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"])
-
-
-def _keep_metrics_up_to(path: str, step: int) -> None:
-    """After a resume, drop logged steps past the checkpoint (they will be logged again)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
 
 
 class StopOnSignal:
@@ -276,19 +254,22 @@ def train(cfg: TrainConfig, resume: bool = False,
           on_step_end: Optional[Callable[[int, dict, torch.nn.Module], None]] = None) -> TrainResult:
     """Run (or, with ``resume=True``, continue) one training run described by ``cfg``.
 
-    ``on_step_end(step, metrics, model)`` is called after every completed step (step counts from 1),
-    e.g. for a held-out evaluation; it must not change the model.
+    Under ``torchrun`` every process calls this; they form the process group (DDP or FSDP2, ``cfg.dist``).
+    ``on_step_end(step, metrics, model)`` is called on every rank after every completed step (step counts
+    from 1; the metrics are the ranks' mean), e.g. for a held-out evaluation; it must not change the model.
     """
     if not cfg.data:
         raise ValueError("TrainConfig.data: give a JSONL file of prompt/chosen/rejected rows")
+    runtime = distributed.start(cfg)
     previous_threads = set_threads(cfg.num_threads)
     try:
-        return _train(cfg, resume, on_step_end)
+        return _train(cfg, resume, on_step_end, runtime)
     finally:
         torch.set_num_threads(previous_threads)
+        distributed.stop(runtime)
 
 
-def _train(cfg: TrainConfig, resume: bool, on_step_end) -> TrainResult:
+def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Runtime) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -296,110 +277,188 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end) -> TrainResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    prepare_run_folder(cfg, resume, runtime)
+    if runtime.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    started = time.time()
 
     # Model, tokenizer, data.
     model, tokenizer = load_starting_model(cfg)
+    model.to(device=runtime.device, dtype=TORCH_DTYPES[cfg.dtype])
     rows = load_preference_jsonl(cfg.data)
     pairs = [tokenize_pair(tokenizer, row, cfg.max_prompt_length, cfg.max_completion_length) for row in rows]
     order = BatchOrder(len(pairs), cfg.batch_size, cfg.seed)
+    if order.batch_size % (runtime.world_size * cfg.grad_accum):
+        raise ValueError(f"the batch of {order.batch_size} pairs (batch_size, at most the data's {len(pairs)} pairs) "
+                         f"does not split into {runtime.world_size} rank(s) x {cfg.grad_accum} micro-batches")
+    if cfg.uses_one_step_anchor and cfg.grad_accum > 1:
+        raise ValueError("spo_anchor='one_step' takes its SFT step on the whole batch: use grad_accum=1")
 
     # Reference: computed from the starting weights, before any checkpoint is loaded into the policy.
-    ref_table, ref_model = None, None
+    ref_table, ref_module = None, None
     if cfg.needs_reference:
         if cfg.reference == "precompute":
-            ref_table = cached_reference_logps(cfg, model, pairs, tokenizer)
+            # Rank 0 computes (or finds) the cache; the others then read the same file.
+            if runtime.is_main:
+                ref_table = cached_reference_logps(cfg, model, pairs, tokenizer)
+            runtime.barrier()
+            if not runtime.is_main:
+                ref_table = cached_reference_logps(cfg, model, pairs, tokenizer)
         else:
             ref_model = copy.deepcopy(model).requires_grad_(False)
+            ref_module = distributed.wrap(runtime, SequenceLogps(ref_model, cfg.backend), ref_model, trainable=False)
 
     head = lm_head(model)
     loss_config = cfg.loss_config(softcap=head.softcap) if cfg.objective == "preference" else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    policy = distributed.wrap(runtime, PolicyWithLoss(model, loss_config, cfg.backend, cfg.objective), model)
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg))
+    autocast = (lambda: torch.autocast(device_type=runtime.device.type, dtype=torch.bfloat16)
+                if cfg.dtype == "bf16-autocast" else contextlib.nullcontext())
 
     metrics_path = os.path.join(cfg.out_dir, METRICS_FILE)
     step = 0
     if resume:
-        step = load_checkpoint(cfg, model, optimizer, scheduler)
-        _keep_metrics_up_to(metrics_path, step)
-    else:
+        step = load_checkpoint(cfg, runtime, policy, model, optimizer, scheduler)
+        if runtime.is_main:
+            keep_metrics_up_to(metrics_path, step)
+    elif runtime.is_main:
         open(metrics_path, "w").close()
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
+    runtime.barrier()
+
+    def data_position(at_step):
+        epoch, batch_in_epoch = order.position(at_step)
+        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "examples_seen": at_step * order.batch_size}
 
     status, bar = "finished", None
-    with StopOnSignal() as stop, open(metrics_path, "a") as metrics_file:
-        bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True, mininterval=0.5,
-                   desc=f"{cfg.objective}:{cfg.loss_type if cfg.objective == 'preference' else 'nll'}"
-                        f"{'+spo' if cfg.objective == 'preference' and cfg.spo_lambda > 0 else ''}")
+    metrics_file = open(metrics_path, "a") if runtime.is_main else contextlib.nullcontext()
+    with StopOnSignal() as stop, metrics_file:
+        bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and runtime.is_main),
+                   dynamic_ncols=True, mininterval=0.5, desc=f"{cfg.objective}:{cfg.loss_name}")
         start_time = time.time()
         while step < cfg.max_steps:
-            batch = make_batch(pairs, order.indices(step), tokenizer)
-
+            step_indices = order.indices(step)
+            micro_batches = rank_micro_batches(step_indices, runtime, cfg.grad_accum)
+            # SFT: every micro-batch's NLL is over the whole step's chosen tokens, so they add up to the
+            # step's token-mean NLL; DDP/FSDP2 average gradients over ranks, hence the world size here.
+            token_count = None
             if cfg.objective == "sft":
-                chosen = batch.chosen()
-                hidden = final_hidden(model, chosen.input_ids, chosen.attention_mask)
-                seq = fused_linear_sequence_logprobs(hidden, head.weight, chosen.labels, head.bias,
-                                                     softcap=head.softcap, backend=cfg.backend)
-                loss = -seq.logps.sum() / seq.counts.sum().clamp(min=1)
-                logged = {"nll": float(loss.detach()), "logps/chosen": float(seq.logps.detach().mean())}
-            else:
-                anchor = None
-                if cfg.uses_one_step_anchor:
-                    # Before the main forward, so only one autograd graph is alive at a time.
-                    anchor = one_step_anchor(model, batch, cfg.spo_alpha, cfg.spo_normalize, cfg.backend)
-                ref_kwargs = {}
-                if ref_table is not None:
-                    ref_kwargs["ref_logps"] = torch.cat([ref_table[batch.indices, 0], ref_table[batch.indices, 1]])
-                elif ref_model is not None:
-                    with torch.no_grad():
-                        ref_head = lm_head(ref_model)
-                        ref_kwargs = dict(ref_hidden=final_hidden(ref_model, batch.input_ids, batch.attention_mask),
-                                          ref_weight=ref_head.weight, ref_bias=ref_head.bias)
-                hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
-                out = fused_linear_preference_loss(hidden, head.weight, batch.labels, head.bias, config=loss_config,
-                                                   spo_anchor=anchor, backend=cfg.backend, **ref_kwargs)
-                loss = out.loss
-                logged = out.log_dict()
+                total = max(1, sum(completion_targets(pairs[i]) for i in step_indices))
+                token_count = total if runtime.world_size == 1 else total / runtime.world_size
+            step_loss, logged_sum = 0.0, {}
+            for k, micro in enumerate(micro_batches):
+                last = k == len(micro_batches) - 1
+                batch = make_batch(pairs, micro, tokenizer, cfg.packed)
+                inputs = batch_inputs(batch, runtime.device)
+                with _gradient_sync(policy, runtime, last):
+                    if cfg.objective == "sft":
+                        chosen = batch_inputs(batch.chosen(), runtime.device)
+                        with autocast():
+                            loss, seq = policy(**chosen, token_count=token_count)
+                        logged = {"logps/chosen": float(seq.logps.detach().mean())}
+                        contribution = loss
+                    else:
+                        extra = {}
+                        if cfg.uses_one_step_anchor:
+                            # Before the main forward, so only one autograd graph is alive at a time.
+                            padded = make_batch(pairs, micro, tokenizer) if cfg.packed else batch
+                            with autocast():
+                                extra["spo_anchor"] = one_step_anchor(model, batch_inputs(padded, runtime.device),
+                                                                      cfg.spo_alpha, cfg.spo_normalize, cfg.backend)
+                        if ref_table is not None:
+                            idx = batch.indices
+                            extra["ref_logps"] = torch.cat([ref_table[idx, 0], ref_table[idx, 1]]).to(runtime.device)
+                        elif ref_module is not None:
+                            with autocast():
+                                extra["ref_logps"] = ref_module(**inputs)
+                        with autocast():
+                            out = policy(**inputs, **extra)
+                        loss = out.loss
+                        logged = out.log_dict()
+                        del logged["loss"]
+                        contribution = loss if cfg.grad_accum == 1 else loss / cfg.grad_accum
+                    contribution.backward()
+                step_loss += float(contribution.detach())
+                for key, value in logged.items():
+                    logged_sum[key] = logged_sum.get(key, 0.0) + value
+            logged = {k: v / len(micro_batches) for k, v in logged_sum.items()}
+            if cfg.objective == "sft":
+                logged = {"nll": step_loss, **logged}
 
-            loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                         else torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None)))
+            grad_norm = distributed.total_grad_norm(params, cfg.max_grad_norm, runtime)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            record = {"step": step, "epoch": order.position(step - 1)[0], "lr": lr,
-                      "grad_norm": float(grad_norm), "loss": float(loss.detach()), **logged,
+            averaged = runtime.mean_over_ranks({"loss": step_loss, **logged})
+            record = {"step": step, "epoch": order.position(step - 1)[0], "lr": lr, "grad_norm": grad_norm,
+                      "loss": averaged.pop("loss"), **{k: averaged[k] for k in logged},
                       "time_s": round(time.time() - start_time, 3)}
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            if runtime.is_main:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
             bar.update(1)
             bar.set_postfix(_postfix(record), refresh=False)
             if on_step_end is not None:
                 on_step_end(step, record, model)
 
-            if stop.signum is not None:
-                save_checkpoint(cfg, step, order, model, optimizer, scheduler)
-                bar.write(f"stopped by signal {stop.signum} after step {step}; checkpoint in "
-                          f"{os.path.join(cfg.out_dir, CHECKPOINT_DIR)} (continue with --resume)")
+            if runtime.broadcast_flag(stop.signum is not None):
+                save_checkpoint(cfg, runtime, step, data_position(step), policy, model, optimizer, scheduler)
+                if runtime.is_main:
+                    bar.write(f"stopped by signal {stop.signum} after step {step}; checkpoint in "
+                              f"{os.path.join(cfg.out_dir, CHECKPOINT_DIR)} (continue with --resume)")
                 status = "interrupted"
                 break
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save_checkpoint(cfg, step, order, model, optimizer, scheduler)
+                save_checkpoint(cfg, runtime, step, data_position(step), policy, model, optimizer, scheduler)
         bar.close()
 
+    written = [f"{METRICS_FILE} ({step} steps)", f"{CHECKPOINT_DIR}/"]
     if status == "finished":
         final_dir = os.path.join(cfg.out_dir, FINAL_DIR)
-        model.save_pretrained(final_dir)
-        tokenizer.save_pretrained(final_dir)
-        if cfg.plot:
-            plot_metrics(metrics_path, os.path.join(cfg.out_dir, PLOT_FILE))
+        state = distributed.full_model_state(runtime, policy, model)
+        if runtime.is_main:
+            if runtime.mode == "fsdp2":
+                _save_gathered(cfg, model, state, final_dir)
+            else:
+                model.save_pretrained(final_dir)
+            tokenizer.save_pretrained(final_dir)
+            written.append(f"{FINAL_DIR}/")
+            if cfg.plot:
+                plot_metrics(metrics_path, os.path.join(cfg.out_dir, PLOT_FILE))
+                written.append(PLOT_FILE)
+        runtime.barrier()
+    if runtime.is_main:
+        # One line whatever the progress setting: where the run's files are.
+        print(f"[train] {status} at step {step}/{cfg.max_steps}; wrote {cfg.out_dir}/: {', '.join(written)} "
+              f"({time.time() - started:.1f} s, {runtime.world_size} process(es), {runtime.device.type}, {cfg.dtype})",
+              flush=True)
     return TrainResult(model=model, tokenizer=tokenizer, step=step, status=status, out_dir=cfg.out_dir,
                        stop_signal=stop.signum)
+
+
+def _gradient_sync(policy, runtime: distributed.Runtime, last_micro_batch: bool):
+    """Gradients are reduced across ranks once per step, after the last micro-batch (DDP's ``no_sync``,
+    FSDP2's ``set_requires_gradient_sync``); the result is the same either way, the traffic is not."""
+    if runtime.mode == "ddp" and not last_micro_batch:
+        return policy.no_sync()
+    if runtime.mode == "fsdp2":
+        policy.set_requires_gradient_sync(last_micro_batch)
+    return contextlib.nullcontext()
+
+
+def _save_gathered(cfg: TrainConfig, model, state: dict, final_dir: str) -> None:
+    """Rank 0 under FSDP2: a plain (unsharded) copy of the model with the gathered weights, saved as
+    Hugging Face saves any model."""
+    fresh, _ = load_starting_model(cfg)
+    fresh.to(dtype=TORCH_DTYPES[cfg.dtype])
+    fresh.load_state_dict(state)
+    fresh.save_pretrained(final_dir)
 
 
 def _postfix(record: dict) -> dict:
@@ -411,11 +470,6 @@ def _postfix(record: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # plot
 # ---------------------------------------------------------------------------------------------
-
-def read_metrics(path: str) -> List[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
 
 def plot_metrics(metrics_path: str, png_path: str) -> None:
     """Chosen/rejected log-probs (top) and reward margins (bottom) over steps."""
