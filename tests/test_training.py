@@ -85,7 +85,7 @@ def test_cli_train_then_reuses_reference_cache(data_file, tmp_path):
     assert cli_main(args) == 0
     cache = out / "ref_logps.pt"
     stamp = os.path.getmtime(cache)
-    assert cli_main(args) == 0
+    assert cli_main(args + ["--overwrite"]) == 0
     assert os.path.getmtime(cache) == stamp  # same data and starting model: not recomputed
 
 

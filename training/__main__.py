@@ -193,7 +193,10 @@ def main(argv=None) -> int:
             cfg = config_from_args(args)
         except (TypeError, ValueError) as err:
             train_parser.error(str(err))
-        result = train(cfg, resume=args.resume)
+        try:
+            result = train(cfg, resume=args.resume)
+        except FileExistsError as err:  # a run folder in the way: a usage error, said plainly
+            train_parser.error(str(err))
         # Conventional exit status for a run stopped by a signal (after its checkpoint was written).
         return 128 + result.stop_signal if result.status == "interrupted" else 0
     from .demo import DemoSettings, run_demo

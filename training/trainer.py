@@ -344,10 +344,10 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
             micro_batches = rank_micro_batches(step_indices, runtime, cfg.grad_accum)
             # SFT: every micro-batch's NLL is over the whole step's chosen tokens, so they add up to the
             # step's token-mean NLL; DDP/FSDP2 average gradients over ranks, hence the world size here.
+            chosen_tokens = max(1, sum(completion_targets(pairs[i]) for i in step_indices))
             token_count = None
             if cfg.objective == "sft":
-                total = max(1, sum(completion_targets(pairs[i]) for i in step_indices))
-                token_count = total if runtime.world_size == 1 else total / runtime.world_size
+                token_count = chosen_tokens if runtime.world_size == 1 else chosen_tokens / runtime.world_size
             step_loss, logged_sum = 0.0, {}
             for k, micro in enumerate(micro_batches):
                 last = k == len(micro_batches) - 1
@@ -379,6 +379,12 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
                         loss = out.loss
                         logged = out.log_dict()
                         del logged["loss"]
+                        if "nll" in logged and len(micro_batches) * runtime.world_size > 1:
+                            # A token mean over the step's chosen tokens, not a mean over micro-batches:
+                            # weigh this micro-batch's by its share of them (the averages below undo
+                            # the division by micro-batches and ranks).
+                            share = float(out.counts[:len(micro)].sum()) / chosen_tokens
+                            logged["nll"] *= share * len(micro_batches) * runtime.world_size
                         contribution = loss if cfg.grad_accum == 1 else loss / cfg.grad_accum
                     contribution.backward()
                 step_loss += float(contribution.detach())
