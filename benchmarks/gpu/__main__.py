@@ -4,6 +4,7 @@
     python3 -m benchmarks.gpu g2                                # logits path, G2 shape, every method
     python3 -m benchmarks.gpu g1                                # fused-linear, G1 shape, every peer
     python3 -m benchmarks.gpu tune                              # tile / warp / stage sweep -> tuned_configs.json
+    python3 -m benchmarks.gpu e2e                               # full DPO step on a Qwen2.5-0.5B shape: spo, trl, eager
     python3 -m benchmarks.gpu report                            # tables and plots from what finished
 
 Run from the repository root with the image's python3 (torch 2.11, triton 3.6): the package is imported
@@ -193,12 +194,14 @@ def main(argv=None) -> int:
     T0 = time.monotonic()
     ap = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["tests", "g1", "g2", "tune", "report"])
+    ap.add_argument("step", choices=["tests", "g1", "g2", "tune", "e2e", "report"])
     ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join("runs", "gpu"))
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU through the same code")
     ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting new work after this (s)")
     ap.add_argument("--resume", action="store_true", help="keep the results file and skip what it holds")
-    ap.add_argument("--methods", help="comma-separated subset (g1, g2)")
+    ap.add_argument("--methods", help="comma-separated subset (g1, g2, e2e)")
+    ap.add_argument("--mem-budget-gib", type=float, default=40.0,
+                    help="e2e: the memory budget of the longest-sequence search (GiB, CUDA)")
     ap.add_argument("--repeats", type=int, help="timed steps per method (default 10; 3 in a dry run)")
     ap.add_argument("--part", choices=["logits", "linear", "all"], default="all", help="tests: which file(s)")
     ap.add_argument("--ref-dir", help="where float64 references are cached (default runs/gpu-ref)")
@@ -210,6 +213,11 @@ def main(argv=None) -> int:
                         if os.path.basename(p)[:-6] in ("G1", "G2", "G1-dry", "G2-dry")})
         for name in names:
             write_report(name, args.out_dir, log)
+        from . import e2e
+        for name in ("E2E", "E2E-dry"):
+            if os.path.exists(os.path.join(args.out_dir, f"{name}.jsonl")):
+                e2e.write_report(name, args.out_dir, log)
+                names.append(name)
         if not names:
             print(f"no G1/G2 results in {args.out_dir}")
         return 0
@@ -220,6 +228,9 @@ def main(argv=None) -> int:
         rc = step_tests(args, log)
     elif args.step == "tune":
         rc = step_tune(args, log)
+    elif args.step == "e2e":
+        from . import e2e
+        rc = e2e.run_step(args, _env(args.dry_run, log), log, T0)
     else:
         rc = step_bench(args.step, args, log)
     log(f"== step {args.step} done in {time.monotonic() - T0:.0f} s (rc {rc})")
