@@ -35,11 +35,12 @@ def prepare_run_folder(cfg: TrainConfig, resume: bool, runtime: Runtime) -> None
     """A new run refuses a folder that holds another run, unless ``overwrite`` (then its checkpoint and
     final model are removed: a stale checkpoint must never be resumed by mistake)."""
     found = [m for m in RUN_MARKERS if os.path.exists(os.path.join(cfg.out_dir, m))]
-    if resume or not found:
+    # Every rank takes the same decision (an error on some ranks only would leave the others waiting).
+    if not runtime.broadcast_flag(bool(found) and not resume):
         return
     if not cfg.overwrite:
-        raise FileExistsError(f"out_dir {cfg.out_dir} holds a run already ({', '.join(found)}): pass --resume to "
-                              f"continue it or --overwrite to start over in it")
+        raise FileExistsError(f"out_dir {cfg.out_dir} holds a run already ({', '.join(found) or 'on another rank'}): "
+                              f"pass --resume to continue it or --overwrite to start over in it")
     runtime.barrier()  # every rank has looked before rank 0 removes anything
     if runtime.is_main:
         for name in (CHECKPOINT_DIR, FINAL_DIR):

@@ -52,7 +52,8 @@ class Runtime:
         return dict(zip(keys, t.tolist()))
 
     def broadcast_flag(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every rank (e.g. "a stop signal arrived": all ranks stop at the same step)."""
+        """True on every rank when ``flag`` is true on any (e.g. "a stop signal arrived": all ranks stop at
+        the same step)."""
         if not self.distributed:
             return flag
         t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self._comm_device)
@@ -105,10 +106,25 @@ def start(cfg: TrainConfig) -> Runtime:
     return Runtime(mode=mode, rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def stop(runtime: Runtime) -> None:
+def stop(runtime: Runtime, failed: bool = False) -> None:
+    """Leave the process group. After a failure no barrier: the other ranks may never reach it, and this
+    process must exit so that torchrun ends the run."""
     if runtime.distributed and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if not failed:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def attention_implementation(packed: bool, device: torch.device, dtype: str) -> Optional[str]:
+    """Packed rows on a GPU run flash-attn's varlen kernel when flash-attn is installed (16-bit weights);
+    otherwise None: the model's default (SDPA), with the block-diagonal mask built from position ids."""
+    if not (packed and device.type == "cuda" and dtype == "bf16"):
+        return None
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return None
+    return "flash_attention_2"
 
 
 def decoder_layers(model) -> list:

@@ -30,7 +30,7 @@ class BuiltinModelSize:
     max_positions: int = 128
 
 
-def build_builtin_model(tokenizer, size: BuiltinModelSize, seed: int):
+def build_builtin_model(tokenizer, size: BuiltinModelSize, seed: int, attn_implementation: str = "eager"):
     """A freshly initialized ``LlamaForCausalLM`` from a config (nothing downloaded).
 
     The initialization uses its own seeded generator state so that the same seed always gives the
@@ -54,17 +54,19 @@ def build_builtin_model(tokenizer, size: BuiltinModelSize, seed: int):
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model
 
 
-def load_model(path: str, dtype: Optional[torch.dtype] = None):
+def load_model(path: str, dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = None):
     """A causal LM saved at a local path (``save_pretrained`` layout); nothing is downloaded."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

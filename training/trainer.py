@@ -76,16 +76,17 @@ def set_threads(num_threads: int) -> int:
     return previous
 
 
-def load_starting_model(cfg: TrainConfig):
-    """The model training starts from, and its tokenizer: a local checkpoint, or the built-in model."""
+def load_starting_model(cfg: TrainConfig, attn_implementation: Optional[str] = None):
+    """The model training starts from, and its tokenizer: a local checkpoint, or the built-in model.
+    ``attn_implementation`` None keeps the model's own (the built-in model's is "eager")."""
     if cfg.model is None:
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else CharTokenizer()
         size = BuiltinModelSize(hidden_size=cfg.builtin_hidden_size, num_layers=cfg.builtin_layers,
                                 num_heads=cfg.builtin_heads, intermediate_size=2 * cfg.builtin_hidden_size)
-        model = build_builtin_model(tokenizer, size, seed=cfg.seed)
+        model = build_builtin_model(tokenizer, size, seed=cfg.seed, attn_implementation=attn_implementation or "eager")
     else:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, attn_implementation=attn_implementation)
     disable_dropout(model)
     model.train()
     return model, tokenizer
@@ -196,7 +197,7 @@ def sequence_logps_of_pairs(model, pairs: List[TokenizedPair], tokenizer, batch_
     return out
 
 
-def cached_reference_logps(cfg: TrainConfig, model, pairs, tokenizer) -> torch.Tensor:
+def cached_reference_logps(cfg: TrainConfig, model, pairs, tokenizer, write: bool = True) -> torch.Tensor:
     """The starting model's ``[N, 2]`` log-probs of the data, from the cache file when it matches
     (same data file, tokenization and starting weights), else computed now and saved there. A cache that
     cannot be read (a run killed while writing it, a damaged file) is recomputed, with a message."""
@@ -217,9 +218,11 @@ def cached_reference_logps(cfg: TrainConfig, model, pairs, tokenizer) -> torch.T
         if usable:
             return cached["logps"]
     logps = sequence_logps_of_pairs(model, pairs, tokenizer, cfg.batch_size, cfg.backend)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"key": key, "logps": logps}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    if write:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"  # a name of its own: another process may be writing the same cache
+        torch.save({"key": key, "logps": logps}, tmp)
+        os.replace(tmp, path)
     return logps
 
 
@@ -262,11 +265,14 @@ def train(cfg: TrainConfig, resume: bool = False,
         raise ValueError("TrainConfig.data: give a JSONL file of prompt/chosen/rejected rows")
     runtime = distributed.start(cfg)
     previous_threads = set_threads(cfg.num_threads)
+    failed = True
     try:
-        return _train(cfg, resume, on_step_end, runtime)
+        result = _train(cfg, resume, on_step_end, runtime)
+        failed = False
+        return result
     finally:
         torch.set_num_threads(previous_threads)
-        distributed.stop(runtime)
+        distributed.stop(runtime, failed)
 
 
 def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Runtime) -> TrainResult:
@@ -283,7 +289,8 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
     started = time.time()
 
     # Model, tokenizer, data.
-    model, tokenizer = load_starting_model(cfg)
+    model, tokenizer = load_starting_model(cfg, distributed.attention_implementation(cfg.packed, runtime.device,
+                                                                                      cfg.dtype))
     model.to(device=runtime.device, dtype=TORCH_DTYPES[cfg.dtype])
     rows = load_preference_jsonl(cfg.data)
     pairs = [tokenize_pair(tokenizer, row, cfg.max_prompt_length, cfg.max_completion_length) for row in rows]
@@ -302,8 +309,8 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
             if runtime.is_main:
                 ref_table = cached_reference_logps(cfg, model, pairs, tokenizer)
             runtime.barrier()
-            if not runtime.is_main:
-                ref_table = cached_reference_logps(cfg, model, pairs, tokenizer)
+            if not runtime.is_main:  # rank 0's file (recomputed here when this machine cannot see it)
+                ref_table = cached_reference_logps(cfg, model, pairs, tokenizer, write=False)
         else:
             ref_model = copy.deepcopy(model).requires_grad_(False)
             ref_module = distributed.wrap(runtime, SequenceLogps(ref_model, cfg.backend), ref_model, trainable=False)
