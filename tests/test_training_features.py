@@ -345,3 +345,11 @@ def test_damaged_reference_cache_is_recomputed(data_file, tmp_path, capsys, dama
     assert [r["loss"] for r in read_metrics(again.out_dir)] == first_losses
     for (name, p), (_, q) in zip(first.model.named_parameters(), again.model.named_parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_model_that_scales_its_logits_is_refused():
+    from training import lm_head
+    model = build_builtin_model(CharTokenizer(), BuiltinModelSize(32, 2, 2, 64), seed=1)
+    model.config.logit_scale = 0.0625  # as Cohere's config: logits * logit_scale
+    with pytest.raises(ValueError, match="logit_scale"):
+        lm_head(model)

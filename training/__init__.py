@@ -3,19 +3,22 @@ the fused preference loss (no logits are ever built), plus the built-in CPU demo
 
     python -m training train --data pairs.jsonl --model path/to/model --spo-lambda 1.0
     python -m training demo
+    torchrun --nproc_per_node 8 -m training train --data pairs.jsonl --model path --dist fsdp2 --dtype bf16
 
 Python use: ``train(TrainConfig(...))``; ``one_step_anchor(model, batch, alpha)`` computes SPO's
 "one_step" anchor for a batch.
 """
 
 from .config import TrainConfig
-from .data import PreferenceBatch, collate_pairs, load_preference_jsonl, tokenize_pair
+from .data import (PackedPreferenceBatch, PreferenceBatch, collate_packed, collate_pairs, load_preference_jsonl,
+                   tokenize_pair)
 from .modeling import final_hidden, lm_head, one_step_anchor, sequence_logprobs
 from .tokenizer import CharTokenizer, load_tokenizer
 from .trainer import TrainResult, train
+from .modeling import PolicyWithLoss, SequenceLogps
 
 __all__ = [
     "TrainConfig", "train", "TrainResult", "one_step_anchor", "load_preference_jsonl", "tokenize_pair",
     "collate_pairs", "PreferenceBatch", "final_hidden", "lm_head", "sequence_logprobs", "CharTokenizer",
-    "load_tokenizer",
+    "load_tokenizer", "PackedPreferenceBatch", "collate_packed", "PolicyWithLoss", "SequenceLogps",
 ]

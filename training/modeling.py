@@ -84,12 +84,21 @@ class Head:
     softcap: Optional[float]
 
 
+# Model config fields that scale the logits (Cohere, Granite, and others).
+LOGIT_MULTIPLIER_FIELDS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
 def lm_head(model) -> Head:
     """The output embedding. With tied embeddings this *is* the input embedding Parameter, so the
     head's gradient and the embedding's gradient accumulate into the same tensor, as they should."""
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    for name in LOGIT_MULTIPLIER_FIELDS:  # never silently ignored (SPEC 6)
+        value = getattr(model.config, name, None)
+        if value is not None and float(value) != 1.0:
+            raise ValueError(f"{type(model).__name__}: config.{name}={value} scales the logits, which the reference "
+                             f"trainer does not pass to the fused loss; this model is not supported here")
     return Head(weight=head.weight, bias=bias, softcap=float(softcap) if softcap else None)
 
 

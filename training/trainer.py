@@ -36,11 +36,11 @@ import torch
 from spo_kernels import fused_linear_sequence_logprobs
 
 from . import distributed
-from .checkpoint import (CHECKPOINT_DIR, CHECKPOINT_FILE, FINAL_DIR, METRICS_FILE, keep_metrics_up_to,  # noqa: F401
-                         load_checkpoint, prepare_run_folder, read_metrics, save_checkpoint)
+from .checkpoint import (CHECKPOINT_DIR, FINAL_DIR, METRICS_FILE, keep_metrics_up_to, load_checkpoint,
+                         prepare_run_folder, read_metrics, save_checkpoint)
 from .config import TrainConfig
-from .data import (PackedPreferenceBatch, PreferenceBatch, TokenizedPair, collate_packed, collate_pairs,
-                   completion_targets, load_preference_jsonl, tokenize_pair)
+from .data import (PackedPreferenceBatch, TokenizedPair, collate_packed, collate_pairs, completion_targets,
+                   load_preference_jsonl, tokenize_pair)
 from .modeling import (BuiltinModelSize, PolicyWithLoss, SequenceLogps, build_builtin_model, final_hidden,
                        lm_head, load_model, one_step_anchor)
 from .tokenizer import CharTokenizer, load_tokenizer

@@ -41,7 +41,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 
