@@ -321,8 +321,6 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg))
-    autocast = (lambda: torch.autocast(device_type=runtime.device.type, dtype=torch.bfloat16)
-                if cfg.dtype == "bf16-autocast" else contextlib.nullcontext())
 
     metrics_path = os.path.join(cfg.out_dir, METRICS_FILE)
     step = 0
@@ -349,50 +347,13 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
         while step < cfg.max_steps:
             step_indices = order.indices(step)
             micro_batches = rank_micro_batches(step_indices, runtime, cfg.grad_accum)
-            # SFT: every micro-batch's NLL is over the whole step's chosen tokens, so they add up to the
-            # step's token-mean NLL; DDP/FSDP2 average gradients over ranks, hence the world size here.
-            chosen_tokens = max(1, sum(completion_targets(pairs[i]) for i in step_indices))
-            token_count = None
-            if cfg.objective == "sft":
-                token_count = chosen_tokens if runtime.world_size == 1 else chosen_tokens / runtime.world_size
+            micro_step = MicroStep(cfg, runtime, policy, model, pairs, tokenizer, ref_table, ref_module,
+                                   chosen_tokens=max(1, sum(completion_targets(pairs[i]) for i in step_indices)),
+                                   micro_batches=len(micro_batches))
             step_loss, logged_sum = 0.0, {}
             for k, micro in enumerate(micro_batches):
-                last = k == len(micro_batches) - 1
-                batch = make_batch(pairs, micro, tokenizer, cfg.packed)
-                inputs = batch_inputs(batch, runtime.device)
-                with _gradient_sync(policy, runtime, last):
-                    if cfg.objective == "sft":
-                        chosen = batch_inputs(batch.chosen(), runtime.device)
-                        with autocast():
-                            loss, seq = policy(**chosen, token_count=token_count)
-                        logged = {"logps/chosen": float(seq.logps.detach().mean())}
-                        contribution = loss
-                    else:
-                        extra = {}
-                        if cfg.uses_one_step_anchor:
-                            # Before the main forward, so only one autograd graph is alive at a time.
-                            padded = make_batch(pairs, micro, tokenizer) if cfg.packed else batch
-                            with autocast():
-                                extra["spo_anchor"] = one_step_anchor(model, batch_inputs(padded, runtime.device),
-                                                                      cfg.spo_alpha, cfg.spo_normalize, cfg.backend)
-                        if ref_table is not None:
-                            idx = batch.indices
-                            extra["ref_logps"] = torch.cat([ref_table[idx, 0], ref_table[idx, 1]]).to(runtime.device)
-                        elif ref_module is not None:
-                            with autocast():
-                                extra["ref_logps"] = ref_module(**inputs)
-                        with autocast():
-                            out = policy(**inputs, **extra)
-                        loss = out.loss
-                        logged = out.log_dict()
-                        del logged["loss"]
-                        if "nll" in logged and len(micro_batches) * runtime.world_size > 1:
-                            # A token mean over the step's chosen tokens, not a mean over micro-batches:
-                            # weigh this micro-batch's by its share of them (the averages below undo
-                            # the division by micro-batches and ranks).
-                            share = float(out.counts[:len(micro)].sum()) / chosen_tokens
-                            logged["nll"] *= share * len(micro_batches) * runtime.world_size
-                        contribution = loss if cfg.grad_accum == 1 else loss / cfg.grad_accum
+                with _gradient_sync(policy, runtime, last_micro_batch=k == len(micro_batches) - 1):
+                    contribution, logged = micro_step(micro)
                     contribution.backward()
                 step_loss += float(contribution.detach())
                 for key, value in logged.items():
@@ -423,7 +384,7 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
             if runtime.broadcast_flag(stop.signum is not None):
                 save_checkpoint(cfg, runtime, step, data_position(step), policy, model, optimizer, scheduler)
                 if runtime.is_main:
-                    bar.write(f"stopped by signal {stop.signum} after step {step}; checkpoint in "
+                    bar.write(f"stopped by a signal ({stop.signum or 'on another rank'}) after step {step}; checkpoint in "
                               f"{os.path.join(cfg.out_dir, CHECKPOINT_DIR)} (continue with --resume)")
                 status = "interrupted"
                 break
@@ -453,6 +414,63 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
               flush=True)
     return TrainResult(model=model, tokenizer=tokenizer, step=step, status=status, out_dir=cfg.out_dir,
                        stop_signal=stop.signum)
+
+
+class MicroStep:
+    """The forward of one micro-batch of a step: ``micro_step(indices) -> (contribution, logged)``, where
+    ``contribution`` is what this rank backpropagates (the micro-batch's share of the step's loss) and
+    ``logged`` its metrics (floats; the loop averages them over micro-batches and ranks).
+
+    Shares: a preference loss is a mean over pairs, so each of the ``micro_batches`` equal micro-batches
+    contributes its loss / micro_batches (DDP/FSDP2 average over ranks). The SFT loss is a token mean: each
+    micro-batch's summed NLL is divided by the whole step's ``chosen_tokens`` (over the world size, which
+    the ranks' gradient average multiplies back), so the contributions add up to the step's token mean.
+    """
+
+    def __init__(self, cfg: TrainConfig, runtime: distributed.Runtime, policy, model, pairs, tokenizer, ref_table,
+                 ref_module, chosen_tokens: int, micro_batches: int):
+        self.cfg, self.runtime, self.policy, self.model = cfg, runtime, policy, model
+        self.pairs, self.tokenizer, self.ref_table, self.ref_module = pairs, tokenizer, ref_table, ref_module
+        self.chosen_tokens, self.micro_batches = chosen_tokens, micro_batches
+
+    def autocast(self):
+        if self.cfg.dtype == "bf16-autocast":
+            return torch.autocast(device_type=self.runtime.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(self, micro: List[int]):
+        cfg, device = self.cfg, self.runtime.device
+        batch = make_batch(self.pairs, micro, self.tokenizer, cfg.packed)
+        if cfg.objective == "sft":
+            world = self.runtime.world_size
+            token_count = self.chosen_tokens if world == 1 else self.chosen_tokens / world
+            with self.autocast():
+                loss, seq = self.policy(**batch_inputs(batch.chosen(), device), token_count=token_count)
+            return loss, {"logps/chosen": float(seq.logps.detach().mean())}
+        inputs = batch_inputs(batch, device)
+        extra = {}
+        if cfg.uses_one_step_anchor:
+            # Before the main forward, so only one autograd graph is alive at a time.
+            padded = make_batch(self.pairs, micro, self.tokenizer) if cfg.packed else batch
+            with self.autocast():
+                extra["spo_anchor"] = one_step_anchor(self.model, batch_inputs(padded, device), cfg.spo_alpha,
+                                                      cfg.spo_normalize, cfg.backend)
+        if self.ref_table is not None:
+            idx = batch.indices
+            extra["ref_logps"] = torch.cat([self.ref_table[idx, 0], self.ref_table[idx, 1]]).to(device)
+        elif self.ref_module is not None:
+            with self.autocast():
+                extra["ref_logps"] = self.ref_module(**inputs)
+        with self.autocast():
+            out = self.policy(**inputs, **extra)
+        logged = out.log_dict()
+        del logged["loss"]
+        shares = self.micro_batches * self.runtime.world_size
+        if "nll" in logged and shares > 1:
+            # A token mean over the step's chosen tokens, not a mean over micro-batches: weigh this
+            # micro-batch's by its share of them (the loop's averages undo the factor `shares`).
+            logged["nll"] *= float(out.counts[:len(micro)].sum()) / self.chosen_tokens * shares
+        return (out.loss if self.micro_batches == 1 else out.loss / self.micro_batches), logged
 
 
 def _gradient_sync(policy, runtime: distributed.Runtime, last_micro_batch: bool):
