@@ -71,7 +71,9 @@ def set_threads(num_threads: int) -> int:
     count the host's cores in a container). Returns the previous setting, to restore it."""
     previous = torch.get_num_threads()
     if num_threads <= 0:
-        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # Under torchrun the processes of one machine share its cores.
+        num_threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(num_threads)
     return previous
 
@@ -197,10 +199,12 @@ def sequence_logps_of_pairs(model, pairs: List[TokenizedPair], tokenizer, batch_
     return out
 
 
-def cached_reference_logps(cfg: TrainConfig, model, pairs, tokenizer, write: bool = True) -> torch.Tensor:
+def cached_reference_logps(cfg: TrainConfig, model, pairs, tokenizer, write: bool = True,
+                           batch_size: Optional[int] = None) -> torch.Tensor:
     """The starting model's ``[N, 2]`` log-probs of the data, from the cache file when it matches
-    (same data file, tokenization and starting weights), else computed now and saved there. A cache that
-    cannot be read (a run killed while writing it, a damaged file) is recomputed, with a message."""
+    (same data file, tokenization and starting weights), else computed now (``batch_size`` pairs at a time,
+    default ``cfg.batch_size``) and saved there when ``write``. A cache that cannot be read (a run killed
+    while writing it, a damaged file) is recomputed, with a message."""
     path = cfg.ref_cache or os.path.join(cfg.out_dir, "ref_logps.pt")
     with open(cfg.data, "rb") as f:
         data_hash = hashlib.sha256(f.read()).hexdigest()
@@ -217,7 +221,7 @@ def cached_reference_logps(cfg: TrainConfig, model, pairs, tokenizer, write: boo
             usable = False
         if usable:
             return cached["logps"]
-    logps = sequence_logps_of_pairs(model, pairs, tokenizer, cfg.batch_size, cfg.backend)
+    logps = sequence_logps_of_pairs(model, pairs, tokenizer, batch_size or cfg.batch_size, cfg.backend)
     if write:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"  # a name of its own: another process may be writing the same cache
@@ -305,12 +309,13 @@ def _train(cfg: TrainConfig, resume: bool, on_step_end, runtime: distributed.Run
     ref_table, ref_module = None, None
     if cfg.needs_reference:
         if cfg.reference == "precompute":
-            # Rank 0 computes (or finds) the cache; the others then read the same file.
+            # Rank 0 computes (or finds) the cache, a micro-batch at a time; the others then read the file.
+            micro = max(1, cfg.batch_size // (runtime.world_size * cfg.grad_accum))
             if runtime.is_main:
-                ref_table = cached_reference_logps(cfg, model, pairs, tokenizer)
+                ref_table = cached_reference_logps(cfg, model, pairs, tokenizer, batch_size=micro)
             runtime.barrier()
             if not runtime.is_main:  # rank 0's file (recomputed here when this machine cannot see it)
-                ref_table = cached_reference_logps(cfg, model, pairs, tokenizer, write=False)
+                ref_table = cached_reference_logps(cfg, model, pairs, tokenizer, write=False, batch_size=micro)
         else:
             ref_model = copy.deepcopy(model).requires_grad_(False)
             ref_module = distributed.wrap(runtime, SequenceLogps(ref_model, cfg.backend), ref_model, trainable=False)
