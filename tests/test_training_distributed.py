@@ -1,5 +1,6 @@
-"""The trainer under ``torchrun`` on gloo (CPU, 2 processes): DDP and FSDP2 runs equal a single-process
-run on the same global batch, and a run killed mid-way resumes bit for bit on the same world size."""
+"""The trainer under ``torchrun`` on gloo (CPU, 2 processes): DDP (on packed batches) and FSDP2 runs equal a
+single-process run on the same global batch, and a run killed mid-way resumes bit for bit on the same world
+size."""
 
 from __future__ import annotations
 
@@ -86,8 +87,9 @@ def test_two_processes_equal_one_on_the_same_global_batch(data_file, tmp_path, s
     if dist == "fsdp2":
         out, proc = fsdp2_run
     else:
+        # DDP on packed batches (each rank packs its own micro-batches): the same run again.
         out = tmp_path / "ddp"
-        proc = train_under_torchrun(data_file, out, dist)
+        proc = train_under_torchrun(data_file, out, dist, ["--packed"])
     # Rank 0 alone writes: one summary line, one metrics line per step.
     assert proc.stdout.count("[train] finished") == 1, proc.stdout
     assert "2 process(es)" in proc.stdout
