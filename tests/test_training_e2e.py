@@ -84,3 +84,38 @@ def test_e2e_dry_run_measures_every_method_and_resumes(tmp_path):
     assert again.returncode == 0
     assert len(runner.read_lines(str(out / "E2E-dry.jsonl"))) == count + 1  # its environment line only
     assert "spo: throughput" not in again.stdout
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_e2e_methods_compute_the_same_step(gradient_checkpointing):
+    """The three methods of the e2e step on the same tiny model and batch: the same loss and the same
+    gradient of every policy weight (a float64 model; eager upcasts its logits to fp32, hence fp32
+    tolerances: loss rel 1e-6, gradients rel (norm) 1e-5)."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks.gpu.e2e import E2EPlan, build_models, make_batch, make_step
+    plan = dataclasses.replace(E2EPlan.dry(), gradient_checkpointing=gradient_checkpointing)
+    device = torch.device("cpu")
+    results = {}
+    for method in ("eager", "spo", "trl"):
+        policy, reference = build_models(plan, device)
+        policy.double()
+        reference.double()
+        ids, mask, labels = make_batch(plan, 2, 20, device)
+        try:
+            loss = make_step(method, policy, reference, labels)(ids, mask)
+        except Exception as err:  # noqa: BLE001
+            from benchmarks.methods import Unavailable
+            if isinstance(err, Unavailable):
+                pytest.skip(f"{method}: {err}")
+            raise
+        results[method] = (float(loss), {n: p.grad.clone() for n, p in policy.named_parameters()})
+    loss, grads = results["eager"]
+    assert abs(loss - 0.6931) > 1e-3  # policy and reference differ
+    for method in ("spo", "trl"):
+        assert results[method][0] == pytest.approx(loss, rel=1e-6), method
+        for name, g in grads.items():
+            assert g.abs().sum() > 0, name
+            assert float((results[method][1][name] - g).norm() / g.norm()) <= 1e-5, f"{method}: {name}"

@@ -202,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", help="comma-separated subset (g1, g2, e2e)")
     ap.add_argument("--mem-budget-gib", type=float, default=40.0,
                     help="e2e: the memory budget of the longest-sequence search (GiB, CUDA)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="e2e: recompute the policy's decoder layers in backward (results E2E-gc.*)")
     ap.add_argument("--repeats", type=int, help="timed steps per method (default 10; 3 in a dry run)")
     ap.add_argument("--part", choices=["logits", "linear", "all"], default="all", help="tests: which file(s)")
     ap.add_argument("--ref-dir", help="where float64 references are cached (default runs/gpu-ref)")
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
         for name in names:
             write_report(name, args.out_dir, log)
         from . import e2e
-        for name in ("E2E", "E2E-dry"):
+        for name in ("E2E", "E2E-gc", "E2E-dry", "E2E-gc-dry"):
             if os.path.exists(os.path.join(args.out_dir, f"{name}.jsonl")):
                 e2e.write_report(name, args.out_dir, log)
                 names.append(name)

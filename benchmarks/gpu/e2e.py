@@ -1,6 +1,6 @@
 """The end-to-end step of the GPU harness: a full DPO training step on a Qwen2.5-0.5B-shaped model.
 
-    python3 -m benchmarks.gpu e2e [--dry-run] [--methods spo,trl,eager] [--mem-budget-gib 40]
+    python3 -m benchmarks.gpu e2e [--dry-run] [--methods spo,trl,eager] [--mem-budget-gib 40] [--gradient-checkpointing]
 
 One step = policy forward + backward, reference forward (a frozen copy), AdamW step, on a randomly
 initialized ``Qwen2ForCausalLM`` with Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads,
@@ -26,7 +26,10 @@ Per method, in its own process (so peaks do not mix), JSON lines appended as mea
    out-of-memory error and its peak stays within the budget (CUDA: the allocator is capped at the
    budget with ``set_per_process_memory_fraction``; CPU dry run: the peak extra resident set).
 
-``--dry-run``: the same code on the CPU with a tiny Qwen2 (V = 97) and tiny sequences.
+``--gradient-checkpointing`` (results ``E2E-gc.*``): the same with the policy's decoder layers recomputed in
+backward (Hugging Face's own), the setting of long-sequence training, where the activations no longer
+hide the memory of the log-prob computation. ``--dry-run``: the same code on the CPU with a tiny Qwen2
+(V = 97) and tiny sequences.
 """
 
 from __future__ import annotations
@@ -72,12 +75,13 @@ class E2EPlan:
     search_start: int          # first T tried, then doubled
     search_max: int            # largest T tried
     granularity: int           # bisection stops at this many tokens
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (HF's own)
 
     @classmethod
-    def gpu(cls, mem_budget_gib: float = 40.0, repeats: int = 5) -> "E2EPlan":
+    def gpu(cls, mem_budget_gib: float = 40.0, repeats: int = 5, gradient_checkpointing: bool = False) -> "E2EPlan":
         return cls(model=QWEN25_05B, dtype="bf16", pairs=2, seq_len=2048, repeats=repeats,
                    mem_budget_bytes=int(mem_budget_gib * 2**30), budget_counts="total", search_start=1024,
-                   search_max=131072, granularity=512)
+                   search_max=131072, granularity=512, gradient_checkpointing=gradient_checkpointing)
 
     @classmethod
     def dry(cls, repeats: int = 2) -> "E2EPlan":
@@ -98,6 +102,13 @@ def build_models(plan: E2EPlan, device: torch.device):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if plan.dtype == "bf16" else torch.float32
     policy = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
+    if plan.gradient_checkpointing:
+        # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns); older 5.x do not.
+        enable = getattr(policy, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     # The reference is another random model (seed 1), so that the first step's loss depends on both
     # models' log-probs and the methods' losses can be compared (a copy of the policy would give log 2).
@@ -335,12 +346,14 @@ def run_step(args, env: dict, log, started: float) -> int:
     its own process within the step's budget, then ``E2E.md`` / ``E2E.json`` from what finished."""
     from benchmarks import runner
     from benchmarks.worker import append_line
-    name = "E2E" + ("-dry" if args.dry_run else "")
+    name = "E2E" + ("-gc" if args.gradient_checkpointing else "") + ("-dry" if args.dry_run else "")
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
         log("no CUDA device: use --dry-run on a CPU")
         return 2
-    plan = E2EPlan.dry() if args.dry_run else E2EPlan.gpu(args.mem_budget_gib, args.repeats or 5)
+    plan = (E2EPlan.dry() if args.dry_run else
+            E2EPlan.gpu(args.mem_budget_gib, args.repeats or 5, args.gradient_checkpointing))
+    plan.gradient_checkpointing = args.gradient_checkpointing
     if args.dry_run and args.repeats:
         plan.repeats = args.repeats
     methods = args.methods.split(",") if args.methods else list(METHODS)
@@ -418,10 +431,12 @@ def write_report(name: str, out_dir: str, log) -> None:
     lines = runner.read_lines(os.path.join(out_dir, f"{name}.jsonl"))
     env = next((r for r in lines if r.get("kind") == "environment"), {})
     s = summarize(lines)
-    md = [f"# {name}: a full DPO step (policy fwd+bwd, reference fwd, AdamW) on a Qwen2.5-0.5B-shaped model"
-          if not name.endswith("-dry") else f"# {name}: the e2e step's dry run (tiny Qwen2, CPU)", "",
+    gc_note = " (gradient checkpointing)" if "-gc" in name else ""
+    md = [f"# {name}: a full DPO step (policy fwd+bwd, reference fwd, AdamW) on a Qwen2.5-0.5B-shaped model{gc_note}"
+          if not name.endswith("-dry") else f"# {name}: the e2e step's dry run (tiny Qwen2, CPU){gc_note}", "",
           f"Device: {env.get('device', '?')}. Versions: {json.dumps(env.get('versions', {}))}. "
-          f"Command: `python3 -m benchmarks.gpu e2e{' --dry-run' if name.endswith('-dry') else ''}`.", "",
+          f"Command: `python3 -m benchmarks.gpu e2e{' --gradient-checkpointing' if gc_note else ''}"
+          f"{' --dry-run' if name.endswith('-dry') else ''}`.", "",
           "| method | status | first loss (same for all) | step ms | tokens/s | peak total MiB | peak extra MiB "
           "| longest T at budget |",
           "|---|---|---:|---:|---:|---:|---:|---:|"]
