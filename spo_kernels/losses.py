@@ -116,14 +116,15 @@ def preference_loss_step(
     check_seq_stats(seq_stats, S, cfg)
     if cfg.spo_lambda > 0 and anchor is None:
         raise ValueError("spo_lambda > 0 needs the SPO anchor [P] (from the reference log-probs or given)")
-    ref_free = cfg.base_reference_free
-    if ref_logps is None and not ref_free:
+    if ref_logps is None and not cfg.base_reference_free:
         raise ValueError(f"loss_type {list(cfg.loss_type)} needs ref_logps (or reference_free=True)")
     dtype = torch.promote_types(policy_logps.dtype, torch.float32)
     L = policy_logps.detach().to(dtype)
     n_raw = counts.to(dtype)
     n = n_raw.clamp(min=1.0)  # an empty completion counts as length 1 in every mean (SPEC 7)
-    R = torch.zeros_like(L) if ref_free else ref_logps.detach().to(dtype)
+    # R = 0 with reference_free=True or no reference; the policy-only losses (simpo, cpo, sft) never read R,
+    # but the rewards do whenever it is given (TRL's sft still logs b (L - R)).
+    R = torch.zeros_like(L) if (ref_logps is None or cfg.reference_free) else ref_logps.detach().to(dtype)
     score, dscore = f_divergence_scores(L - R, cfg)
     terms = PairTerms(L[:P], L[P:], R[:P], R[P:], n[:P], n[P:], n_raw[:P], n_raw[P:],
                       score[:P], score[P:], dscore[:P], dscore[P:])

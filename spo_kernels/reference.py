@@ -150,7 +150,7 @@ def reference_pair_loss(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preferen
     P = L.shape[0] // 2
     n_raw = n.to(L.dtype)
     nc = n_raw.clamp(min=1)
-    if R is None or cfg.base_reference_free:
+    if R is None or cfg.reference_free:  # simpo / cpo / sft never read R
         R = torch.zeros_like(L)
     R = R.detach().to(L.dtype)
     if cfg.use_weighting and seq_stats is None:
@@ -177,8 +177,8 @@ def reference_metrics(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preference
     P = L.shape[0] // 2
     n_raw = n.to(L.dtype)
     nc = n_raw.clamp(min=1)
-    ref_free = R is None or cfg.base_reference_free
-    R = torch.zeros_like(L) if ref_free else R.detach().to(L.dtype)
+    # rewards b (L - R) whenever R is given (TRL's sft logs them too), R = 0 with reference_free=True
+    R = torch.zeros_like(L) if (R is None or cfg.reference_free) else R.detach().to(L.dtype)
     chosen = cfg.beta * (L[:P] - R[:P])
     rejected = cfg.beta * (L[P:] - R[P:])
     metrics = {

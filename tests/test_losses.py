@@ -180,14 +180,19 @@ def test_statistics_metrics_as_trl_defines_them():
 
 
 def test_rewards_and_logps_are_sums_for_every_loss_type():
-    """TRL 1.16: rewards b (L - R) and logps on the summed log-probs, ipo and the mean-basis types included."""
+    """TRL 1.16: rewards b (L - R) and logps on the summed log-probs, ipo and the mean-basis types included;
+    R whenever given (TRL's sft logs b (L - R) too), R = 0 with reference_free=True or without R."""
     L, n, R, _ = _inputs()
     for lt in LOSS_TYPES:
-        m = preference_loss_step(L, n, R, PreferenceLossConfig(loss_type=lt, beta=0.3)).metrics
-        ref_free = lt in ("simpo", "cpo", "sft")
-        Rb = torch.zeros_like(R) if ref_free else R
+        cfg = PreferenceLossConfig(loss_type=lt, beta=0.3)
+        m = preference_loss_step(L, n, R, cfg).metrics
         torch.testing.assert_close(m["logps/chosen"], L[:6].mean())
-        torch.testing.assert_close(m["rewards/rejected"], 0.3 * (L[6:] - Rb[6:]).mean())
+        torch.testing.assert_close(m["rewards/rejected"], 0.3 * (L[6:] - R[6:]).mean())
+        m = preference_loss_step(L, n, R, cfg.replace(reference_free=True)).metrics
+        torch.testing.assert_close(m["rewards/rejected"], 0.3 * L[6:].mean())
+        if cfg.base_reference_free:
+            m = preference_loss_step(L, n, None, cfg).metrics
+            torch.testing.assert_close(m["rewards/chosen"], 0.3 * L[:6].mean())
 
 
 def test_bco_pair_is_unshifted_by_default_and_shifts_on_request():

@@ -431,10 +431,10 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
     acc_tl = tl.float64 if acc_torch == torch.float64 else tl.float32
 
     loss_type = cfg.single_loss_type
-    ref_free = cfg.base_reference_free
-    if ref_logps is None and not ref_free:
+    if ref_logps is None and not cfg.base_reference_free:
         raise ValueError(f"loss_type {list(cfg.loss_type)} needs ref_logps (or reference_free=True)")
-    has_ref = not ref_free
+    # R feeds the rewards whenever given (simpo / cpo never read it), R = 0 with reference_free=True.
+    has_ref = ref_logps is not None and not cfg.reference_free
     if has_ref and tuple(ref_logps.shape) != (S,):
         raise ValueError(f"ref_logps must be [{S}], got {tuple(ref_logps.shape)}")
     # SPO (penalty, gradient and its two metrics) only when spo_lambda > 0 (SPEC 6).
