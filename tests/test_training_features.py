@@ -232,7 +232,7 @@ def test_loss_options_from_the_command_line_reach_the_loss(data_file):
     assert cfg.loss_options == {"dpop_lambda": 7.0, "rdpo_alpha": 0.2, "discopop_tau": 0.3}
     loss = cfg.loss_config()
     assert (loss.loss_type, loss.dpop_lambda, loss.rdpo_alpha, loss.discopop_tau, loss.simpo_gamma) == \
-        ("dpop", 7.0, 0.2, 0.3, 0.9)
+        (PreferenceLossConfig(loss_type="dpop").loss_type, 7.0, 0.2, 0.3, 0.9)
     defaults = config_from_args(_train_parser().parse_args(["--data", data_file]))
     assert defaults.loss_options == {} and defaults.loss_config() == PreferenceLossConfig()
 
@@ -353,3 +353,26 @@ def test_a_model_that_scales_its_logits_is_refused():
     model.config.logit_scale = 0.0625  # as Cohere's config: logits * logit_scale
     with pytest.raises(ValueError, match="logit_scale"):
         lm_head(model)
+
+
+def test_multi_loss_and_f_divergence_from_the_command_line(data_file, tmp_path):
+    from spo_kernels import config as loss_config_module
+    from training.__main__ import config_from_args
+    if not hasattr(loss_config_module, "F_DIVERGENCES"):
+        pytest.skip("this spo_kernels has no multi-loss / f-divergence options")
+    actions = {a.dest: a for a in _train_parser()._actions}
+    assert tuple(actions["loss_option__f_divergence_type"].choices) == loss_config_module.F_DIVERGENCES
+    args = _train_parser().parse_args(["--data", data_file, "--out-dir", str(tmp_path / "run"), "--loss-type",
+                                       "sigmoid", "sft", "--loss-weights", "1", "0.5", "--f-divergence-type",
+                                       "js_divergence", "--max-steps", "2", "--batch-size", "4", "--no-progress",
+                                       "--no-plot", "--num-threads", "1", "--builtin-hidden-size", "32",
+                                       "--builtin-layers", "2", "--builtin-heads", "2"])
+    cfg = config_from_args(args)
+    loss = cfg.loss_config()
+    assert loss.loss_type == ("sigmoid", "sft") and loss.loss_weights == (1.0, 0.5)
+    assert loss.f_divergence_type == "js_divergence"
+    result = train(cfg)
+    records = read_metrics(result.out_dir)
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    # sigmoid (log 2 at the start, policy = reference) + 0.5 x the chosen completions' token-mean NLL.
+    assert records[0]["loss"] == pytest.approx(math.log(2) + 0.5 * records[0]["nll"], rel=1e-5)

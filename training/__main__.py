@@ -68,7 +68,8 @@ def allowed_values(name: str) -> typing.Optional[tuple]:
         return getattr(config_module, own[name])
     candidates = {"loss_type": "LOSS_TYPES", "spo_anchor": "SPO_ANCHORS"}
     base = candidates.get(name, name.upper())
-    for constant in (base, base + "S", name.upper().replace("_TYPE", "_TYPES")):
+    # e.g. spo_normalize -> SPO_NORMALIZE, f_divergence_type -> F_DIVERGENCES
+    for constant in (base, base + "S", base.replace("_TYPE", "") + "S"):
         value = getattr(loss_config_module, constant, None)
         if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
             return value
