@@ -239,8 +239,9 @@ def longest_sequence(method: str, plan: E2EPlan, device: torch.device, deadline:
     policy, reference = build_models(plan, device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.mem_budget_bytes / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.mem_budget_bytes / total), index)
     probes = []
 
     def fits(T: int) -> bool:
