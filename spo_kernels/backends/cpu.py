@@ -17,7 +17,9 @@ Same four ops and semantics as the ``torch`` backend (:mod:`.torch_chunked`), on
 
 Always deterministic (fixed blocking and order, no atomics) and exact (``grad_filter_eps`` is
 accepted and ignored). bf16/fp16 operands are upcast to fp32 per tile; LSEs and log-probs are fp32
-(float64 for float64 inputs), per-sequence sums float64. Other dtypes fall back to the ``torch`` backend.
+(float64 for float64 inputs), per-sequence sums float64. Other dtypes fall back to the ``torch`` backend,
+and so do plans with token weights and forwards with per-token statistics (the extension has neither
+yet); the logit multiplier is folded into the extension's (softcap, temperature).
 """
 
 from __future__ import annotations
