@@ -1,7 +1,7 @@
 // Per-row kernels of the cpu backend: plain C++ on raw pointers, no torch headers.
 //
 // This header is compiled several times, once per instruction set (row_kernels_*.cpp set the
-// target and SPO_ISA, the namespace), and spo_cpu.cpp picks the best table at run time. The hot
+// target and SPO_ISA, the namespace), and isa.cpp picks the best table at run time. The hot
 // loops are written for the auto-vectorizer (`#pragma omp simd`, branch-free bodies, an exp built
 // from arithmetic and bit operations), so the same source becomes SSE2, AVX2 or AVX-512 code.
 //

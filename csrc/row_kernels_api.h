@@ -1,5 +1,6 @@
 // The interface between the per-row kernels (row_kernels.h, compiled once per instruction set) and
-// the torch binding (spo_cpu.cpp). Plain C++: no torch headers here.
+// the torch-side ops (logits.cpp, linear.cpp, linear_frozen.cpp; the variant is chosen in isa.cpp).
+// Plain C++: no torch headers here.
 #pragma once
 
 #include <cstdint>

@@ -450,6 +450,28 @@ def test_extension_rejects_malformed_plans():
     w = torch.randn(10, 4)
     with pytest.raises(RuntimeError, match="token_idx"):
         _cpu.linear_forward(torch.randn(6, 4), w, None, torch.tensor([0, -1, 5]), tgt, off, 0.0, 1.0, 1 << 20)
+    with pytest.raises(RuntimeError, match="targets"):
+        _cpu.linear_forward_frozen(torch.randn(6, 4), w, None, idx, torch.tensor([1, 9, 10]), off, 0.0, 1.0,
+                                   1 << 20)
+    # the backward ops go through the same plan checks, and check seq_id and lse as well
+    lse, gs, sid = torch.zeros(3), torch.ones(2), torch.tensor([0, 0, 1])
+    out = torch.empty_like(logits)
+    _cpu.logits_backward(logits, idx, tgt, sid, lse, gs, 0.0, 1.0, out)
+    with pytest.raises(RuntimeError, match="targets"):
+        _cpu.logits_backward(logits, idx, torch.tensor([1, 9, 10]), sid, lse, gs, 0.0, 1.0, out)
+    with pytest.raises(RuntimeError, match="seq_id"):
+        _cpu.logits_backward(logits, idx, tgt, torch.tensor([0, 0, 2]), lse, gs, 0.0, 1.0, out)
+    with pytest.raises(RuntimeError, match="lse"):
+        _cpu.logits_backward(logits, idx, tgt, sid, torch.zeros(2), gs, 0.0, 1.0, out)
+    h = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="token_idx"):
+        _cpu.linear_backward(h, w, None, torch.tensor([0, 2, 6]), tgt, sid, lse, gs, 0.0, 1.0, True, True, False,
+                             1 << 20, False)
+    with pytest.raises(RuntimeError, match="seq_id"):
+        _cpu.linear_backward(h, w, None, idx, tgt, torch.tensor([0, -1, 1]), lse, gs, 0.0, 1.0, True, True, False,
+                             1 << 20, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        _cpu.linear_forward(h, w, torch.zeros(9), idx, tgt, off, 0.0, 1.0, 1 << 20)
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
