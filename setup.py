@@ -17,7 +17,7 @@ SOURCES = [
     "csrc/bindings.cpp",
     "csrc/checks.cpp",
     "csrc/isa.cpp",
-    "csrc/forward_state.cpp",
+    "csrc/token_state.cpp",
     "csrc/logits.cpp",
     "csrc/linear.cpp",
     "csrc/linear_frozen.cpp",

@@ -33,13 +33,17 @@ int dtype_index(at::ScalarType t) {
   return -1;
 }
 
-PlanRows checked_plan(const at::Tensor& token_idx_in, const at::Tensor& targets_in, int64_t num_rows, int64_t V) {
+PlanRows checked_plan(const at::Tensor& token_idx_in, const at::Tensor& targets_in,
+                      const c10::optional<at::Tensor>& token_weights, int64_t num_rows, int64_t V,
+                      at::ScalarType acc) {
   check_index(token_idx_in, "token_idx");
   check_index(targets_in, "targets");
-  PlanRows p{token_idx_in.contiguous(), targets_in.contiguous(), token_idx_in.size(0)};
+  PlanRows p{token_idx_in.contiguous(), targets_in.contiguous(), at::Tensor(), token_idx_in.size(0)};
   TORCH_CHECK(p.targets.size(0) == p.nc, "spo_kernels._cpu: targets and token_idx differ in length");
   check_range(p.token_idx, num_rows, "token_idx");
   check_range(p.targets, V, "targets");
+  if (token_weights.has_value() && token_weights->defined())
+    p.token_weights = checked_per_token(*token_weights, p.nc, acc, "token_weights");
   return p;
 }
 

@@ -21,15 +21,19 @@ inline at::Tensor row_contiguous(const at::Tensor& x) { return x.stride(-1) == 1
 // x in the dtype `acc` (no copy when it already is).
 inline at::Tensor as_acc(const at::Tensor& x, at::ScalarType acc) { return x.scalar_type() == acc ? x : x.to(acc); }
 
-// The plan's token rows and targets, checked: int64, 1-D, CPU, contiguous, equal lengths, rows in
-// [0, num_rows) and targets in [0, V).
+// The plan's token rows, targets and optional token weights, checked: token_idx and targets int64,
+// 1-D, CPU, equal lengths, rows in [0, num_rows) and targets in [0, V); token_weights (when given)
+// floating [nc] on the CPU, converted to the accumulation dtype. All contiguous.
 struct PlanRows {
   at::Tensor token_idx, targets;
-  int64_t nc;  // number of plan tokens
+  at::Tensor token_weights;  // undefined: every weight is 1
+  int64_t nc;                // number of plan tokens
 };
 
 // The one gate every entry point passes its plan through.
-PlanRows checked_plan(const at::Tensor& token_idx, const at::Tensor& targets, int64_t num_rows, int64_t V);
+PlanRows checked_plan(const at::Tensor& token_idx, const at::Tensor& targets,
+                      const c10::optional<at::Tensor>& token_weights, int64_t num_rows, int64_t V,
+                      at::ScalarType acc);
 
 // seq_offsets [S+1] (forward): int64, rising from 0 to nc; returned contiguous.
 at::Tensor checked_offsets(const at::Tensor& seq_offsets, int64_t nc);

@@ -19,23 +19,23 @@
 
 namespace spo_cpu {
 
-std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& hidden, const at::Tensor& weight,
-                                                  const c10::optional<at::Tensor>& bias_opt,
-                                                  const at::Tensor& token_idx_in, const at::Tensor& targets_in,
-                                                  const at::Tensor& seq_offsets_in, double softcap,
-                                                  double temperature, int64_t block_bytes) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_opt,
+    const at::Tensor& token_idx_in, const at::Tensor& targets_in, const at::Tensor& seq_offsets_in,
+    const c10::optional<at::Tensor>& token_weights, double multiplier, double softcap, double temperature,
+    bool stats, int64_t block_bytes) {
   const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
   check_linear(hidden, weight, bias);
+  const Xform xf = make_xform(multiplier, softcap, temperature);
   const auto acc = acc_type(hidden.scalar_type());
   const int di = dtype_index(acc);
   const int64_t V = weight.size(0);
-  const PlanRows plan = checked_plan(token_idx_in, targets_in, hidden.size(0), V);
+  const PlanRows plan = checked_plan(token_idx_in, targets_in, token_weights, hidden.size(0), V, acc);
   const at::Tensor& token_idx = plan.token_idx;
   const int64_t nc = plan.nc;
   const at::Tensor seq_offsets = checked_offsets(seq_offsets_in, nc);
   const auto opts = hidden.options().dtype(acc);
-  const LseState st = lse_state(nc, opts);
-  const at::Tensor &m = st.m, &s = st.s, &zt = st.zt;
+  const LseState st = lse_state(nc, opts, stats);
   if (nc > 0 && V > 0) {
     const int64_t esz = c10::elementSize(acc);
     const Tiling tl = make_tiling(nc, V, esz, block_bytes);
@@ -44,7 +44,6 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& hidden, cons
     at::Tensor h_single = ntiles == 1 ? gather_tile(hidden, token_idx, 0, nc, acc) : at::Tensor();
     const LseFn fn = kernels()->lse[di];
     const int64_t* tg = plan.targets.data_ptr<int64_t>();
-    const double cap = cap_arg(softcap), inv_t = 1.0 / temperature;
     for (int64_t v0 = 0; v0 < V; v0 += tl.block) {
       const int64_t vb = std::min(tl.block, V - v0);
       const at::Tensor w_blk = as_acc(weight.narrow(0, v0, vb), acc);
@@ -54,36 +53,37 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& hidden, cons
         const at::Tensor h = ntiles == 1 ? h_single : gather_tile(hidden, token_idx, t0, len, acc);
         const at::Tensor z = logits_block(zbuf, h, w_blk, b_blk);
         const void* zb = z.data_ptr();
-        char* mp = static_cast<char*>(m.data_ptr()) + t0 * esz;
-        char* sp = static_cast<char*>(s.data_ptr()) + t0 * esz;
-        char* zp = static_cast<char*>(zt.data_ptr()) + t0 * esz;
+        const RowState rs = st.rows_from(t0);
         const int64_t* tgt = tg + t0;
         at::parallel_for(0, len, grain_for(vb), [&](int64_t r0, int64_t r1) {
-          fn(zb, nullptr, vb, vb, r0, r1, tgt, v0, cap, inv_t, mp, sp, zp);
+          fn(zb, nullptr, vb, vb, r0, r1, tgt, v0, xf, rs);
         });
       }
     }
   }
-  return finish_forward(st, seq_offsets);
+  const ForwardResult res = finish_forward(st, plan, seq_offsets, V);
+  return {res.seq_logps, res.lse, res.stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_opt,
     const at::Tensor& token_idx_in, const at::Tensor& targets_in, const at::Tensor& seq_id_in,
-    const at::Tensor& lse_in, const at::Tensor& grad_seq, double softcap, double temperature, bool need_hidden,
-    bool need_weight, bool need_bias, int64_t block_bytes, bool bf16_grad_gemms) {
+    const c10::optional<at::Tensor>& token_weights, const at::Tensor& lse_in, const at::Tensor& grad_seq,
+    double multiplier, double softcap, double temperature, bool need_hidden, bool need_weight, bool need_bias,
+    int64_t block_bytes, bool bf16_grad_gemms) {
   const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
   check_linear(hidden, weight, bias);
   need_bias = need_bias && bias.defined();
+  const Xform xf = make_xform(multiplier, softcap, temperature);
   const auto acc = acc_type(hidden.scalar_type());
   const int di = dtype_index(acc);
   const int64_t V = weight.size(0), H = weight.size(1);
-  const PlanRows plan = checked_plan(token_idx_in, targets_in, hidden.size(0), V);
+  const PlanRows plan = checked_plan(token_idx_in, targets_in, token_weights, hidden.size(0), V, acc);
   const at::Tensor& token_idx = plan.token_idx;
   const int64_t nc = plan.nc;
   const at::Tensor seq_id = checked_seq_id(seq_id_in, nc, grad_seq.size(0));
   const at::Tensor lse = checked_per_token(lse_in, nc, acc, "lse");
-  const at::Tensor g_tok = grad_seq.to(acc).index_select(0, seq_id).contiguous();
+  const at::Tensor g_tok = token_grads(grad_seq, seq_id, plan, acc);
   const auto opts = hidden.options().dtype(acc);
 
   at::Tensor dh = need_hidden ? at::zeros_like(hidden, at::MemoryFormat::Contiguous) : at::Tensor();
@@ -116,7 +116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   at::Tensor dbbuf = need_bias ? at::empty({tl.block}, opts) : at::Tensor();
   const GradFn fn = kernels()->grad[di];
   const int64_t* tg = plan.targets.data_ptr<int64_t>();
-  const double cap = cap_arg(softcap), inv_t = 1.0 / temperature;
 
   for (int64_t v0 = 0; v0 < V; v0 += tl.block) {
     const int64_t vb = std::min(tl.block, V - v0);
@@ -133,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
       const void* gp = static_cast<const char*>(g_tok.data_ptr()) + t0 * esz;
       const int64_t* tgt = tg + t0;
       at::parallel_for(0, len, grain_for(vb), [&](int64_t r0, int64_t r1) {
-        fn(zb, zb, nullptr, vb, vb, vb, r0, r1, tgt, v0, lp, gp, cap, inv_t);
+        fn(zb, zb, nullptr, vb, vb, vb, r0, r1, tgt, v0, lp, gp, xf);
       });
       // z now holds dz for this (token tile, vocabulary block).
       if (lowp) {

@@ -12,48 +12,52 @@
 
 namespace spo_cpu {
 
-std::tuple<at::Tensor, at::Tensor> logits_forward(const at::Tensor& logits_in, const at::Tensor& token_idx_in,
-                                                  const at::Tensor& targets_in, const at::Tensor& seq_offsets_in,
-                                                  double softcap, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_forward(
+    const at::Tensor& logits_in, const at::Tensor& token_idx_in, const at::Tensor& targets_in,
+    const at::Tensor& seq_offsets_in, const c10::optional<at::Tensor>& token_weights, double multiplier,
+    double softcap, double temperature, bool stats) {
   check_logits(logits_in);
+  const Xform xf = make_xform(multiplier, softcap, temperature);
   const at::Tensor logits = row_contiguous(logits_in);
   const int di = dtype_index(logits.scalar_type());
   const auto acc = acc_type(logits.scalar_type());
   const int64_t V = logits.size(1);
-  const PlanRows plan = checked_plan(token_idx_in, targets_in, logits.size(0), V);
+  const PlanRows plan = checked_plan(token_idx_in, targets_in, token_weights, logits.size(0), V, acc);
   const int64_t nc = plan.nc;
   const at::Tensor seq_offsets = checked_offsets(seq_offsets_in, nc);
-  const LseState st = lse_state(nc, logits.options().dtype(acc));
+  const LseState st = lse_state(nc, logits.options().dtype(acc), stats);
   if (nc > 0 && V > 0) {
     const LseFn fn = kernels()->lse[di];
     const void* base = logits.data_ptr();
     const int64_t stride = logits.stride(0);
     const int64_t* rows = plan.token_idx.data_ptr<int64_t>();
     const int64_t* tg = plan.targets.data_ptr<int64_t>();
-    void *mp = st.m.data_ptr(), *sp = st.s.data_ptr(), *zp = st.zt.data_ptr();
-    const double cap = cap_arg(softcap), inv_t = 1.0 / temperature;
+    const RowState rs = st.rows_from(0);
     at::parallel_for(0, nc, grain_for(V), [&](int64_t r0, int64_t r1) {
-      fn(base, rows, stride, V, r0, r1, tg, 0, cap, inv_t, mp, sp, zp);
+      fn(base, rows, stride, V, r0, r1, tg, 0, xf, rs);
     });
   }
-  return finish_forward(st, seq_offsets);
+  const ForwardResult res = finish_forward(st, plan, seq_offsets, V);
+  return {res.seq_logps, res.lse, res.stats};
 }
 
 void logits_backward(const at::Tensor& logits_in, const at::Tensor& token_idx_in, const at::Tensor& targets_in,
-                     const at::Tensor& seq_id_in, const at::Tensor& lse_in, const at::Tensor& grad_seq,
-                     double softcap, double temperature, at::Tensor out) {
+                     const at::Tensor& seq_id_in, const c10::optional<at::Tensor>& token_weights,
+                     const at::Tensor& lse_in, const at::Tensor& grad_seq, double multiplier, double softcap,
+                     double temperature, at::Tensor out) {
   check_logits(logits_in);
   TORCH_CHECK(out.sizes() == logits_in.sizes() && out.scalar_type() == logits_in.scalar_type(),
               "spo_kernels._cpu: out must match logits' shape and dtype");
+  const Xform xf = make_xform(multiplier, softcap, temperature);
   const at::Tensor logits = row_contiguous(logits_in);
   const int di = dtype_index(logits.scalar_type());
   const auto acc = acc_type(logits.scalar_type());
   const int64_t N = logits.size(0), V = logits.size(1);
-  const PlanRows plan = checked_plan(token_idx_in, targets_in, N, V);
+  const PlanRows plan = checked_plan(token_idx_in, targets_in, token_weights, N, V, acc);
   const int64_t nc = plan.nc;
   const at::Tensor seq_id = checked_seq_id(seq_id_in, nc, grad_seq.size(0));
   const at::Tensor lse = checked_per_token(lse_in, nc, acc, "lse");
-  const at::Tensor g_tok = grad_seq.to(acc).index_select(0, seq_id).contiguous();
+  const at::Tensor g_tok = token_grads(grad_seq, seq_id, plan, acc);
   // Write into a row-contiguous target; copied back at the end when `out` is not one.
   const bool direct = out.stride(-1) == 1;
   at::Tensor dst = direct ? out : at::empty_like(logits, at::MemoryFormat::Contiguous);
@@ -76,10 +80,9 @@ void logits_backward(const at::Tensor& logits_in, const at::Tensor& token_idx_in
     const int64_t sx = logits.stride(0);
     const int64_t* tg = plan.targets.data_ptr<int64_t>();
     const void *lp = lse.data_ptr(), *gp = g_tok.data_ptr();
-    const double cap = cap_arg(softcap), inv_t = 1.0 / temperature;
     void* ob = dst.data_ptr();
     at::parallel_for(0, nc, grain_for(V), [&](int64_t r0, int64_t r1) {
-      fn(xb, ob, rows, sx, so, V, r0, r1, tg, 0, lp, gp, cap, inv_t);
+      fn(xb, ob, rows, sx, so, V, r0, r1, tg, 0, lp, gp, xf);
     });
   }
   if (!direct) out.copy_(dst);

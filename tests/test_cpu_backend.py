@@ -439,39 +439,48 @@ def test_extension_rejects_malformed_plans():
 
     logits = torch.randn(6, 10)
     idx, tgt, off = torch.tensor([0, 2, 5]), torch.tensor([1, 9, 3]), torch.tensor([0, 2, 3])
-    seq, _ = _cpu.logits_forward(logits, idx, tgt, off, 0.0, 1.0)
-    assert seq.shape == (2,)
+    xf = (1.0, 0.0, 1.0)  # multiplier, softcap (off), temperature
+    seq, _, stats = _cpu.logits_forward(logits, idx, tgt, off, None, *xf, False)
+    assert seq.shape == (2,) and stats is None
     with pytest.raises(RuntimeError, match="token_idx"):
-        _cpu.logits_forward(logits, torch.tensor([0, 2, 6]), tgt, off, 0.0, 1.0)
+        _cpu.logits_forward(logits, torch.tensor([0, 2, 6]), tgt, off, None, *xf, False)
     with pytest.raises(RuntimeError, match="targets"):
-        _cpu.logits_forward(logits, idx, torch.tensor([1, 10, 3]), off, 0.0, 1.0)
+        _cpu.logits_forward(logits, idx, torch.tensor([1, 10, 3]), off, None, *xf, False)
     with pytest.raises(RuntimeError, match="seq_offsets"):
-        _cpu.logits_forward(logits, idx, tgt, torch.tensor([0, 2, 4]), 0.0, 1.0)
+        _cpu.logits_forward(logits, idx, tgt, torch.tensor([0, 2, 4]), None, *xf, False)
+    with pytest.raises(RuntimeError, match="token_weights"):
+        _cpu.logits_forward(logits, idx, tgt, off, torch.ones(2), *xf, False)
+    with pytest.raises(RuntimeError, match="temperature"):
+        _cpu.logits_forward(logits, idx, tgt, off, None, 1.0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="multiplier"):
+        _cpu.logits_forward(logits, idx, tgt, off, None, float("nan"), 0.0, 1.0, False)
     w = torch.randn(10, 4)
     with pytest.raises(RuntimeError, match="token_idx"):
-        _cpu.linear_forward(torch.randn(6, 4), w, None, torch.tensor([0, -1, 5]), tgt, off, 0.0, 1.0, 1 << 20)
+        _cpu.linear_forward(torch.randn(6, 4), w, None, torch.tensor([0, -1, 5]), tgt, off, None, *xf, False, 1 << 20)
     with pytest.raises(RuntimeError, match="targets"):
-        _cpu.linear_forward_frozen(torch.randn(6, 4), w, None, idx, torch.tensor([1, 9, 10]), off, 0.0, 1.0,
+        _cpu.linear_forward_frozen(torch.randn(6, 4), w, None, idx, torch.tensor([1, 9, 10]), off, None, *xf, False,
                                    1 << 20)
     # the backward ops go through the same plan checks, and check seq_id and lse as well
     lse, gs, sid = torch.zeros(3), torch.ones(2), torch.tensor([0, 0, 1])
     out = torch.empty_like(logits)
-    _cpu.logits_backward(logits, idx, tgt, sid, lse, gs, 0.0, 1.0, out)
+    _cpu.logits_backward(logits, idx, tgt, sid, None, lse, gs, *xf, out)
     with pytest.raises(RuntimeError, match="targets"):
-        _cpu.logits_backward(logits, idx, torch.tensor([1, 9, 10]), sid, lse, gs, 0.0, 1.0, out)
+        _cpu.logits_backward(logits, idx, torch.tensor([1, 9, 10]), sid, None, lse, gs, *xf, out)
     with pytest.raises(RuntimeError, match="seq_id"):
-        _cpu.logits_backward(logits, idx, tgt, torch.tensor([0, 0, 2]), lse, gs, 0.0, 1.0, out)
+        _cpu.logits_backward(logits, idx, tgt, torch.tensor([0, 0, 2]), None, lse, gs, *xf, out)
     with pytest.raises(RuntimeError, match="lse"):
-        _cpu.logits_backward(logits, idx, tgt, sid, torch.zeros(2), gs, 0.0, 1.0, out)
+        _cpu.logits_backward(logits, idx, tgt, sid, None, torch.zeros(2), gs, *xf, out)
+    with pytest.raises(RuntimeError, match="token_weights"):
+        _cpu.logits_backward(logits, idx, tgt, sid, torch.ones(3, dtype=torch.int64), lse, gs, *xf, out)
     h = torch.randn(6, 4)
     with pytest.raises(RuntimeError, match="token_idx"):
-        _cpu.linear_backward(h, w, None, torch.tensor([0, 2, 6]), tgt, sid, lse, gs, 0.0, 1.0, True, True, False,
+        _cpu.linear_backward(h, w, None, torch.tensor([0, 2, 6]), tgt, sid, None, lse, gs, *xf, True, True, False,
                              1 << 20, False)
     with pytest.raises(RuntimeError, match="seq_id"):
-        _cpu.linear_backward(h, w, None, idx, tgt, torch.tensor([0, -1, 1]), lse, gs, 0.0, 1.0, True, True, False,
+        _cpu.linear_backward(h, w, None, idx, tgt, torch.tensor([0, -1, 1]), None, lse, gs, *xf, True, True, False,
                              1 << 20, False)
     with pytest.raises(RuntimeError, match="bias"):
-        _cpu.linear_forward(h, w, torch.zeros(9), idx, tgt, off, 0.0, 1.0, 1 << 20)
+        _cpu.linear_forward(h, w, torch.zeros(9), idx, tgt, off, None, *xf, False, 1 << 20)
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])

@@ -100,13 +100,14 @@ class CpuBackend(Backend):
     def logits_forward(self, logits, plan, softcap, temperature):
         if logits.dtype not in _DTYPES:
             return _torch_fallback().logits_forward(logits, plan, softcap, temperature)
-        return _require().logits_forward(logits, plan.token_idx, plan.targets, plan.seq_offsets,
-                                         _softcap(softcap), float(temperature))
+        seq, lse, _ = _require().logits_forward(logits, plan.token_idx, plan.targets, plan.seq_offsets, None, 1.0,
+                                                _softcap(softcap), float(temperature), False)
+        return seq, lse
 
     def logits_backward(self, logits, plan, softcap, temperature, lse, grad_seq, out):
         if logits.dtype not in _DTYPES:
             return _torch_fallback().logits_backward(logits, plan, softcap, temperature, lse, grad_seq, out)
-        _require().logits_backward(logits, plan.token_idx, plan.targets, plan.seq_id, lse, grad_seq,
+        _require().logits_backward(logits, plan.token_idx, plan.targets, plan.seq_id, None, lse, grad_seq, 1.0,
                                    _softcap(softcap), float(temperature), out)
 
     # ---- fused-linear path -------------------------------------------------------------------
@@ -114,17 +115,17 @@ class CpuBackend(Backend):
         if hidden.dtype not in _DTYPES:
             return _torch_fallback().linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
         ext = _require()
-        seq, lse = ext.linear_forward(hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets,
-                                      _softcap(softcap), float(temperature), _block_bytes())
+        seq, lse, _ = ext.linear_forward(hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets, None,
+                                         1.0, _softcap(softcap), float(temperature), False, _block_bytes())
         return seq, (lse if save_lse else None)
 
     def linear_forward_for_backward(self, hidden, weight, bias, plan, softcap, temperature):
         if hidden.dtype in _DTYPES and _frozen_head(hidden, weight, bias):
             # Only dhidden will be asked for: compute (onehot - softmax) @ W now, while the logits tile is
             # at hand, and let the backward scale it by g (one GEMM fewer in all). The caller keeps it.
-            seq, lse, dh_unit = _require().linear_forward_frozen(
-                hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets, _softcap(softcap),
-                float(temperature), _block_bytes())
+            seq, lse, _, dh_unit = _require().linear_forward_frozen(
+                hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets, None, 1.0, _softcap(softcap),
+                float(temperature), False, _block_bytes())
             return seq, lse, dh_unit
         return super().linear_forward_for_backward(hidden, weight, bias, plan, softcap, temperature)
 
@@ -142,7 +143,7 @@ class CpuBackend(Backend):
             dh.index_copy_(0, plan.token_idx, (dh_unit * g_tok[:, None]).to(hidden.dtype))
             return LinearGrads(hidden=dh, weight=None, bias=None)
         dh, dw, db = _require().linear_backward(
-            hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_id, lse, grad_seq,
-            _softcap(softcap), float(temperature), bool(need_hidden), bool(need_weight),
+            hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_id, None, lse, grad_seq,
+            1.0, _softcap(softcap), float(temperature), bool(need_hidden), bool(need_weight),
             bool(need_bias and bias is not None), _block_bytes(), _bf16_grad_gemms(hidden, weight))
         return LinearGrads(hidden=dh, weight=dw, bias=db)
