@@ -14,6 +14,7 @@ from spo_kernels.backends import get_backend, resolve_backend_name
 from spo_kernels.backends.cpu import CpuBackend, extension_available
 from spo_kernels.backends.torch_chunked import TorchChunkedBackend
 from spo_kernels.layout import build_plan
+from spo_kernels.kernels.types import KernelOptions, LogitTransform
 
 import batches
 from batches import rel_err
@@ -336,27 +337,27 @@ def test_logits_backward_poisoned_out_and_strides(dtype):
     wide = (torch.randn(N, 2 * V, generator=g) * 3).to(dtype)
     logits = wide[:, ::2]  # rows not contiguous in the last dim
     cpu, tor = CpuBackend(), TorchChunkedBackend()
-    seq, lse = cpu.logits_forward(logits, plan, 4.0, 0.8)
-    seq_t, lse_t = tor.logits_forward(logits, plan, 4.0, 0.8)
+    seq, lse, _ = cpu.logits_forward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), options=KernelOptions())
+    seq_t, lse_t, _ = tor.logits_forward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), options=KernelOptions())
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert seq.dtype == torch.float64 and lse.dtype == acc  # sums in float64 (SPEC 7)
     assert_rel(seq, seq_t, 1e-6, "seq")
     assert_rel(lse, lse_t, 1e-6, "lse")
     grad_seq = torch.randn(2, generator=g, dtype=acc)
     out = torch.full((N, V), float("nan"), dtype=dtype)
-    cpu.logits_backward(logits, plan, 4.0, 0.8, lse, grad_seq, out)
+    cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=out)
     ref = torch.full((N, V), float("nan"), dtype=dtype)
-    tor.logits_backward(logits, plan, 4.0, 0.8, lse_t, grad_seq, ref)
+    tor.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse_t, grad_seq=grad_seq, out=ref)
     assert torch.isfinite(out.float()).all()
     assert torch.all(out[::3] == 0)
     assert_rel(out, ref, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, "dlogits")
     # out with a strided last dim too
     out2 = torch.full((N, 2 * V), float("nan"), dtype=dtype)[:, 1::2]
-    cpu.logits_backward(logits, plan, 4.0, 0.8, lse, grad_seq, out2)
+    cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=out2)
     assert torch.equal(out2, out)
     # in place on a contiguous buffer: same numbers
     buf = logits.contiguous()
-    cpu.logits_backward(buf, plan, 4.0, 0.8, lse, grad_seq, buf)
+    cpu.logits_backward(buf, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=buf)
     assert torch.equal(buf, out)
 
 
@@ -376,15 +377,15 @@ def test_linear_ops_many_tiles_and_blocks(monkeypatch, dtype):
     assert plan.num_tokens > 4096
     monkeypatch.setenv("SPO_KERNELS_CPU_BLOCK_MB", "0.01")  # clamps to 64 KiB: blocks of 64 vocab rows
     cpu, tor = CpuBackend(), TorchChunkedBackend()
-    seq, lse = cpu.linear_forward(hidden, weight, bias, plan, 2.0, 1.5, True)
+    seq, lse, _ = cpu.linear_forward(hidden, weight, bias, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), save_lse=True)
     h64, w64, b64 = hidden.double(), weight.double(), bias.double()
-    seq_t, lse_t = tor.linear_forward(h64, w64, b64, plan, 2.0, 1.5, True)
+    seq_t, lse_t, _ = tor.linear_forward(h64, w64, b64, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), save_lse=True)
     loss_tol, grad_tol = TOL[dtype]
     assert_rel(seq, seq_t, loss_tol, "seq")
     assert_rel(lse, lse_t, loss_tol, "lse")
     gs = torch.randn(4, generator=g)
-    ours = cpu.linear_backward(hidden, weight, bias, plan, 2.0, 1.5, lse, gs, True, True, True)
-    ref = tor.linear_backward(h64, w64, b64, plan, 2.0, 1.5, lse_t, gs.double(), True, True, True)
+    ours = cpu.linear_backward(hidden, weight, bias, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), lse=lse, grad_seq=gs, need_hidden=True, need_weight=True, need_bias=True)
+    ref = tor.linear_backward(h64, w64, b64, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), lse=lse_t, grad_seq=gs.double(), need_hidden=True, need_weight=True, need_bias=True)
     for k in ("hidden", "weight", "bias"):
         assert getattr(ours, k).dtype == dtype
         assert_rel(getattr(ours, k), getattr(ref, k), grad_tol, k)
@@ -399,10 +400,14 @@ def test_linear_backward_need_flags(need):
     w, b = batch["weight"].to(torch.bfloat16), batch["bias"].to(torch.bfloat16)
     plan = _plan(labels, w.shape[0], cu)
     cpu, tor = CpuBackend(), TorchChunkedBackend()
-    _, lse = cpu.linear_forward(h, w, b, plan, None, 1.0, True)
+    _, lse, _ = cpu.linear_forward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
     gs = torch.randn(plan.num_seqs)
-    ours = cpu.linear_backward(h, w, b, plan, None, 1.0, lse, gs, *need, deterministic=True, grad_filter_eps=0.1)
-    ref = tor.linear_backward(h, w, b, plan, None, 1.0, lse, gs, *need)
+    flags = dict(zip(("need_hidden", "need_weight", "need_bias"), need))
+    ours = cpu.linear_backward(h, w, b, plan, transform=LogitTransform(),
+                               options=KernelOptions(deterministic=True, grad_filter_eps=0.1), lse=lse, grad_seq=gs,
+                               **flags)
+    ref = tor.linear_backward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=gs,
+                              **flags)
     for k, flag in zip(("hidden", "weight", "bias"), need):
         a, r = getattr(ours, k), getattr(ref, k)
         if not flag:
@@ -418,16 +423,15 @@ def test_linear_empty_plan_and_determinism():
     w, b = batch["weight"], batch["bias"]
     cpu = CpuBackend()
     empty = _plan(torch.full_like(labels, -100), w.shape[0], cu)
-    seq, lse = cpu.linear_forward(h, w, b, empty, None, 1.0, True)
+    seq, lse, _ = cpu.linear_forward(h, w, b, empty, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
     assert torch.equal(seq, torch.zeros(empty.num_seqs)) and lse.numel() == 0
-    gr = cpu.linear_backward(h, w, b, empty, None, 1.0, lse, torch.ones(empty.num_seqs), True, True, True)
+    gr = cpu.linear_backward(h, w, b, empty, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=torch.ones(empty.num_seqs), need_hidden=True, need_weight=True, need_bias=True)
     assert torch.all(gr.hidden == 0) and torch.all(gr.weight == 0) and torch.all(gr.bias == 0)
     plan = _plan(labels, w.shape[0], cu)
     runs = []
     for _ in range(2):
-        s, l = cpu.linear_forward(h, w, b, plan, None, 1.0, True)
-        runs.append((s, cpu.linear_backward(h, w, b, plan, None, 1.0, l, torch.ones(plan.num_seqs),
-                                            True, True, True)))
+        s, l, _ = cpu.linear_forward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
+        runs.append((s, cpu.linear_backward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=l, grad_seq=torch.ones(plan.num_seqs), need_hidden=True, need_weight=True, need_bias=True)))
     assert torch.equal(runs[0][0], runs[1][0])
     for a, c in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, c)
@@ -502,13 +506,167 @@ def test_every_instruction_set_variant(isa):
         for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             for cap, temp in ((None, 1.0), (3.0, 0.7)):
                 logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
-                seq, lse = cpu.logits_forward(logits, plan, cap, temp)
-                seq_t, lse_t = tor.logits_forward(logits, plan, cap, temp)
+                seq, lse, _ = cpu.logits_forward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), options=KernelOptions())
+                seq_t, lse_t, _ = tor.logits_forward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), options=KernelOptions())
                 assert_rel(seq, seq_t, 1e-6, f"{isa} {dtype} seq")
                 gs = torch.randn(2, generator=g, dtype=seq.dtype)
                 ref = torch.empty_like(logits)
-                tor.logits_backward(logits, plan, cap, temp, lse_t, gs, ref)
-                cpu.logits_backward(logits, plan, cap, temp, lse, gs, logits)  # in place
+                tor.logits_backward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), lse=lse_t, grad_seq=gs, out=ref)
+                cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), lse=lse, grad_seq=gs, out=logits)  # in place
                 assert_rel(logits, ref, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, f"{isa} {dtype}")
     finally:
         _cpu.set_isa("auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# logit multiplier, token weights, per-token statistics (SPEC 2, 8)
+# ---------------------------------------------------------------------------------------------
+
+def _feature_inputs(dtype, seed, V=4099):
+    """Odd shapes, 3 packed sequences (one empty), a few boosted vocabulary entries (peaked rows), every third
+    target its token's argmax (the transforms are increasing, so the argmax of the raw logits), token
+    weights in [0, 1.5] with zeros."""
+    g = torch.Generator().manual_seed(seed)
+    N, H = 37, 40
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
+    bias = torch.randn(V, generator=g) * 0.5
+    bias[torch.tensor([3, V // 2, V - 2])] += 3.0  # in the first, a middle and the last vocabulary block
+    bias = bias.to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    raw = hidden.double() @ weight.double().t() + bias.double()
+    labels[::3] = raw.argmax(1)[::3]
+    labels[1::5] = -100
+    labels[20:26] = -100  # the second sequence has no completion token
+    cu = torch.tensor([0, 20, 26, N], dtype=torch.int32)
+    weights = torch.rand(N, generator=g) * 1.5
+    weights[::7] = 0.0
+    return hidden, weight, bias, labels, cu, weights
+
+
+TRANSFORMS = {"multiplier": dict(logit_multiplier=0.37),
+              "all": dict(logit_multiplier=2.5, softcap=10.0, temperature=0.7)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("path", ["linear", "logits", "frozen"])
+def test_multiplier_weights_stats_vs_reference(monkeypatch, path, transform, dtype):
+    """logit multiplier + token weights + per-token statistics through the public functions, against the
+    float64 reference on the same (dtype-rounded) inputs: log-probs, the per-sequence sums of every
+    statistic, and every gradient (non-uniform upstream gradient)."""
+    if path == "frozen" and dtype == torch.bfloat16:
+        pytest.skip("the frozen-head forward is for fp32/fp64 heads")
+    monkeypatch.setenv("SPO_KERNELS_CPU_BLOCK_MB", "0.01")  # several vocabulary blocks on the linear path
+    h, w, b, labels, cu, tw = _feature_inputs(dtype, seed=31)
+    coef = torch.randn(len(cu) - 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    opts = dict(TRANSFORMS[transform], cu_seqlens=cu, token_weights=tw, token_stats=True)
+
+    def run(backend, cast):
+        hh = h.to(cast).detach().requires_grad_(True)
+        ww = w.to(cast).detach().requires_grad_(path == "linear")
+        bb = b.to(cast).detach().requires_grad_(path == "linear")
+        if path == "logits":
+            x = (h.double() @ w.double().t() + b.double()).to(dtype).to(cast).requires_grad_(True)
+            out = sk.sequence_logprobs(x, labels, backend=backend, **opts)
+            leaves = {"logits": x}
+        else:
+            out = sk.fused_linear_sequence_logprobs(hh, ww, labels, bb, backend=backend, **opts)
+            leaves = {"hidden": hh, "weight": ww, "bias": bb} if path == "linear" else {"hidden": hh}
+        (out.logps.double() * coef).sum().backward()
+        return out, {k: v.grad for k, v in leaves.items()}
+
+    ours, grads = run("cpu", dtype)
+    ref, ref_grads = run("reference", torch.float64)
+    loss_tol, grad_tol = TOL[dtype]
+    assert_rel(ours.logps, ref.logps, loss_tol, "logps")
+    assert ours.stats is not None
+    for name in ref.stats._fields:
+        assert_rel(getattr(ours.stats, name), getattr(ref.stats, name), loss_tol, f"stats.{name}")
+    assert float(ref.stats.argmax_hits.sum()) >= 5  # the argmax statistic is exercised both ways
+    for k, g in grads.items():
+        assert g is not None and g.dtype == dtype, k
+        assert_rel(g, ref_grads[k], grad_tol, f"d{k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("path", ["linear", "logits"])
+def test_token_stats_per_token_vs_reference(monkeypatch, path, dtype):
+    """The ops' per-token statistics against SPEC 8's definitions on the float64 transformed logits, token by
+    token (is_argmax exactly, the first maximum winning ties); the forward's log-probs and LSEs are the same
+    with and without statistics; without them the result has none."""
+    from spo_kernels import reference as ref_impl
+
+    monkeypatch.setenv("SPO_KERNELS_CPU_BLOCK_MB", "0.01")
+    h, w, b, labels, cu, tw = _feature_inputs(dtype, seed=41, V=2 * 2048 + 517)
+    plan = build_plan(labels, w.shape[0], -100, labels.shape, labels.device, cu, pairs=False, token_weights=tw)
+    # no softcap on the logits path, which keeps its -inf entries -inf (softcap maps them to -cap)
+    transform = LogitTransform(multiplier=1.7, softcap=None if path == "logits" else 6.0, temperature=0.9)
+    logits = (h.double() @ w.double().t() + b.double()).to(dtype)
+    if path == "logits":
+        logits[plan.token_idx[0], 100:3000] = float("-inf")  # masked entries: p = 0, no 0 * inf
+        logits[plan.token_idx[1]] = 0.0  # all tied: the first column is the argmax
+        z_raw = logits
+    else:
+        z_raw = h.double() @ w.double().t() + b.double()
+
+    def fwd(stats):
+        opts = KernelOptions(token_stats=stats)
+        if path == "logits":
+            return CpuBackend().logits_forward(logits, plan, transform, opts)
+        return CpuBackend().linear_forward(h, w, b, plan, transform, opts, save_lse=True)
+
+    on, off = fwd(True), fwd(False)
+    assert off.stats is None
+    torch.testing.assert_close(on.seq_logps, off.seq_logps, rtol=1e-6, atol=0)
+    torch.testing.assert_close(on.lse, off.lse, rtol=1e-6, atol=0)
+    z = ref_impl.transform_logits(z_raw.double().index_select(0, plan.token_idx), transform.softcap,
+                                  transform.temperature, transform.multiplier)
+    entropy, log_sum_p2, mean_logit, is_argmax = ref_impl.reference_token_stats(z, plan.targets)
+    tol = 1e-5
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, r in (("entropy", entropy), ("log_sum_p2", log_sum_p2), ("mean_logit", mean_logit)):
+        x = getattr(on.stats, name)
+        assert x.dtype == acc and x.shape == (plan.num_tokens,)
+        if path == "logits":  # the masked row's mean is -inf in both
+            assert torch.equal(torch.isinf(x), torch.isinf(r))
+            x, r = x[1:], r[1:]
+        assert_rel(x, r, tol, name)
+    assert torch.equal(on.stats.is_argmax.double(), is_argmax)
+    assert 5 <= int(is_argmax.sum()) < plan.num_tokens
+
+
+@pytest.mark.parametrize("path", ["linear", "logits"])
+def test_token_weights_scale_log_probs_and_gradients(path):
+    """Weights of 1 give the unweighted numbers bitwise; weights of 0 leave a token out of both the sum and
+    the gradient (its dlogits row is exactly 0)."""
+    h, w, b, labels, cu, _ = _feature_inputs(torch.float32, seed=5, V=97)
+    plan = build_plan(labels, w.shape[0], -100, labels.shape, labels.device, cu, pairs=False)
+    ones = build_plan(labels, w.shape[0], -100, labels.shape, labels.device, cu, pairs=False,
+                      token_weights=torch.ones(labels.shape))
+    mask = torch.ones(labels.shape)
+    mask[plan.token_idx[::2]] = 0.0
+    half = build_plan(labels, w.shape[0], -100, labels.shape, labels.device, cu, pairs=False, token_weights=mask)
+    cpu, tr, opts = CpuBackend(), LogitTransform(multiplier=0.5), KernelOptions()
+    gs = torch.tensor([0.7, -1.1, 1.3])
+    logits = h @ w.t() + b
+    if path == "logits":
+        res = [cpu.logits_forward(logits, p, tr, opts) for p in (plan, ones, half)]
+        grads = []
+        for p, r in zip((plan, ones, half), res):
+            out = torch.empty_like(logits)
+            cpu.logits_backward(logits, p, tr, r.lse, gs, out)
+            grads.append(out)
+        zero_rows = plan.token_idx[::2]
+        assert torch.all(grads[2][zero_rows] == 0) and not torch.all(grads[2] == 0)
+    else:
+        res = [cpu.linear_forward(h, w, b, p, tr, opts, save_lse=True) for p in (plan, ones, half)]
+        grads = [cpu.linear_backward(h, w, b, p, tr, opts, r.lse, gs, True, True, True).hidden
+                 for p, r in zip((plan, ones, half), res)]
+        assert torch.all(grads[2][plan.token_idx[::2]] == 0)
+    assert torch.equal(res[0].seq_logps, res[1].seq_logps) and torch.equal(grads[0], grads[1])
+    # the half-weighted sums are the unweighted per-token log-probs of the kept tokens
+    logp = (logits.index_select(0, plan.token_idx).double() * 0.5).log_softmax(-1)
+    logp = logp.gather(1, plan.targets[:, None])[:, 0] * mask[plan.token_idx].double()
+    expect = torch.zeros(plan.num_seqs, dtype=torch.float64).index_add_(0, plan.seq_id, logp)
+    assert_rel(res[2].seq_logps, expect, 1e-6, "weighted sums")
