@@ -490,7 +490,8 @@ def test_extension_rejects_malformed_plans():
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_every_instruction_set_variant(isa):
     """The row kernels are compiled once per instruction set; each one this CPU runs gives the same
-    results as the torch backend (all dtypes, softcap, in-place backward)."""
+    results as the torch backend (all dtypes, multiplier / softcap / temperature, token weights, per-token
+    statistics over several column chunks, in-place backward)."""
     from spo_kernels import _cpu
 
     if not _cpu.set_isa(isa):
@@ -498,21 +499,31 @@ def test_every_instruction_set_variant(isa):
     try:
         assert _cpu.isa() == isa
         g = torch.Generator().manual_seed(6)
-        N, V = 19, 211
+        N, V = 19, 2 * 2048 + 211  # three column chunks of the row kernels
         labels = torch.randint(0, V, (N,), generator=g)
         labels[::4] = -100
-        plan = _plan(labels, V, torch.tensor([0, 7, 19], dtype=torch.int32))
+        weights = torch.rand(N, generator=g) + 0.25
+        cu = torch.tensor([0, 7, 19], dtype=torch.int32)
+        plan = build_plan(labels, V, -100, labels.shape, labels.device, cu, pairs=False, token_weights=weights)
         cpu, tor = CpuBackend(), TorchChunkedBackend()
+        opts = KernelOptions(token_stats=True)
         for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            for cap, temp in ((None, 1.0), (3.0, 0.7)):
-                logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
-                seq, lse, _ = cpu.logits_forward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), options=KernelOptions())
-                seq_t, lse_t, _ = tor.logits_forward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), options=KernelOptions())
-                assert_rel(seq, seq_t, 1e-6, f"{isa} {dtype} seq")
-                gs = torch.randn(2, generator=g, dtype=seq.dtype)
+            for tr in (LogitTransform(), LogitTransform(multiplier=1.3, softcap=3.0, temperature=0.7),
+                       LogitTransform(multiplier=0.6, temperature=1.2)):
+                logits = (torch.randn(N, V, generator=g) * 2).to(dtype)
+                rows = plan.token_idx[::3]
+                logits[rows, plan.targets[::3]] = logits[rows].amax(1)  # ties with an earlier maximum or not
+                ours = cpu.logits_forward(logits, plan, tr, opts)
+                theirs = tor.logits_forward(logits, plan, tr, opts)
+                assert_rel(ours.seq_logps, theirs.seq_logps, 1e-6, f"{isa} {dtype} seq")
+                for name in ("entropy", "log_sum_p2", "mean_logit"):
+                    assert_rel(getattr(ours.stats, name), getattr(theirs.stats, name), 1e-5, f"{isa} {dtype} {name}")
+                assert torch.equal(ours.stats.is_argmax, theirs.stats.is_argmax)
+                assert 0 < int(ours.stats.is_argmax.sum()) < plan.num_tokens
+                gs = torch.randn(2, generator=g, dtype=ours.seq_logps.dtype)
                 ref = torch.empty_like(logits)
-                tor.logits_backward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), lse=lse_t, grad_seq=gs, out=ref)
-                cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), lse=lse, grad_seq=gs, out=logits)  # in place
+                tor.logits_backward(logits, plan, tr, theirs.lse, gs, ref)
+                cpu.logits_backward(logits, plan, tr, ours.lse, gs, logits)  # in place
                 assert_rel(logits, ref, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, f"{isa} {dtype}")
     finally:
         _cpu.set_isa("auto")
