@@ -681,3 +681,18 @@ def test_token_weights_scale_log_probs_and_gradients(path):
     logp = logp.gather(1, plan.targets[:, None])[:, 0] * mask[plan.token_idx].double()
     expect = torch.zeros(plan.num_seqs, dtype=torch.float64).index_add_(0, plan.seq_id, logp)
     assert_rel(res[2].seq_logps, expect, 1e-6, "weighted sums")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_preference_loss_ld_alpha_and_multiplier(layout, dtype):
+    """The whole loss with LD-DPO's length weights (token weights from ld_alpha) and a logit multiplier,
+    policy and reference heads through the cpu backend, against the float64 reference."""
+    batch = make_batch(seed=19, T=29)
+    opts = dict(beta=0.4, ld_alpha=0.3, logit_multiplier=0.7, softcap=5.0)
+    out, grads = run_linear(batch, layout, dtype, "cpu", **opts)
+    ref, ref_grads = run_linear(batch, layout, dtype, "reference", compute_dtype=torch.float64, **opts)
+    check_against(out, grads, ref, ref_grads, dtype, f"ld_alpha + multiplier [{layout}]", opts["beta"])
+    assert_rel(out.ref_logps, ref.ref_logps, TOL[dtype][0], "ref logps")
+    plain, _ = run_linear(batch, layout, dtype, "cpu", beta=0.4, logit_multiplier=0.7, softcap=5.0)
+    assert not torch.allclose(plain.policy_logps, out.policy_logps)  # the weights changed the sums
