@@ -173,51 +173,64 @@ void lse_rows_impl(const void* base_, const int64_t* rows, int64_t stride, int64
       const int64_t len = n - c0 < kChunk ? n - c0 : kChunk;
       const T* xc = x + c0;
       A cm = kNegInf;
-      if (Stats) {
-        A cz = 0;
-#pragma omp simd reduction(max : cm) reduction(+ : cz)
-        for (int64_t j = 0; j < len; ++j) {
-          A v = xform<Cap>(E::load(xc + j), k);
-          buf[j] = v;
-          cm = v > cm ? v : cm;
-          cz += v;
-        }
-        zi += cz;
-      } else {
 #pragma omp simd reduction(max : cm)
-        for (int64_t j = 0; j < len; ++j) {
-          A v = xform<Cap>(E::load(xc + j), k);
-          buf[j] = v;
-          cm = v > cm ? v : cm;
-        }
+      for (int64_t j = 0; j < len; ++j) {
+        A v = xform<Cap>(E::load(xc + j), k);
+        buf[j] = v;
+        cm = v > cm ? v : cm;
       }
-      if (cm > mi) {
+      const bool new_max = cm > mi;
+      if (new_max) {
         const A r = std::exp(mi - cm);  // 0 while mi is -inf
         if (Stats) {
           // Relative to the new max: e' = r e and (z - m') = (z - m) + (m - m').
           ui = si > 0 ? r * (ui + (mi - cm) * si) : A(0);
           qi = qi * r * r;
-          int64_t j = 0;
-          while (buf[j] != cm) ++j;  // the first maximum of this chunk (earlier chunks' ties win)
-          ai = col0 + c0 + j;
         }
         si = si * r;
         mi = cm;
       }
-      if (mi == kNegInf) continue;  // nothing but -inf so far
+      if (mi == kNegInf) {  // nothing but -inf (or NaN) so far: no exponentials to add
+        if (Stats) {
+          A cz = 0;
+#pragma omp simd reduction(+ : cz)
+          for (int64_t j = 0; j < len; ++j) cz += buf[j];
+          zi += cz;
+        }
+        continue;
+      }
       A cs = 0;
       if (Stats) {
-        A cu = 0, cq = 0;
-#pragma omp simd reduction(+ : cs, cu, cq)
-        for (int64_t j = 0; j < len; ++j) {
-          const A d = buf[j] - mi;
-          const A e = fexp(d);
-          cs += e;
-          cu += e > 0 ? e * d : A(0);  // a -inf logit has e = 0 and adds 0, not 0 * -inf
-          cq += e * e;
+        // One pass for all the sums; when this chunk raised the max, also the first column holding it
+        // (earlier chunks' ties keep theirs).
+        A cu = 0, cq = 0, cz = 0;
+        int64_t first = len;
+        if (new_max) {
+#pragma omp simd reduction(+ : cs, cu, cq, cz) reduction(min : first)
+          for (int64_t j = 0; j < len; ++j) {
+            const A d = buf[j] - mi;
+            const A e = fexp(d);
+            cs += e;
+            cu += e > 0 ? e * d : A(0);  // a -inf logit has e = 0 and adds 0, not 0 * -inf
+            cq += e * e;
+            cz += buf[j];
+            first = (buf[j] == mi && j < first) ? j : first;
+          }
+          ai = col0 + c0 + first;
+        } else {
+#pragma omp simd reduction(+ : cs, cu, cq, cz)
+          for (int64_t j = 0; j < len; ++j) {
+            const A d = buf[j] - mi;
+            const A e = fexp(d);
+            cs += e;
+            cu += e > 0 ? e * d : A(0);
+            cq += e * e;
+            cz += buf[j];
+          }
         }
         ui += cu;
         qi += cq;
+        zi += cz;
       } else {
 #pragma omp simd reduction(+ : cs)
         for (int64_t j = 0; j < len; ++j) cs += fexp(buf[j] - mi);
