@@ -363,8 +363,9 @@ def test_logits_backward_poisoned_out_and_strides(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_linear_ops_many_tiles_and_blocks(monkeypatch, dtype):
-    """> 4096 tokens (several token tiles) and a tiny block budget (many vocabulary blocks), against the
-    torch backend in float64 on the same (dtype-rounded) inputs."""
+    """> 4096 tokens (several token tiles) and a tiny block budget (many vocabulary blocks), with a
+    multiplier, token weights and per-token statistics, against the torch backend in float64 on the same
+    (dtype-rounded) inputs; fp32 also through the frozen-head forward (many whole-vocabulary tiles)."""
     g = torch.Generator().manual_seed(4)
     N, H, V = 5000, 12, 300
     hidden = torch.randn(N, H, generator=g).to(dtype)
@@ -373,23 +374,37 @@ def test_linear_ops_many_tiles_and_blocks(monkeypatch, dtype):
     labels = torch.randint(0, V, (N,), generator=g)
     labels[:300] = -100
     cu = torch.tensor([0, 2000, 2600, 4100, 5000], dtype=torch.int32)
-    plan = _plan(labels, V, cu)
+    plan = build_plan(labels, V, -100, labels.shape, labels.device, cu, pairs=False,
+                      token_weights=torch.rand(N, generator=g) + 0.5)
     assert plan.num_tokens > 4096
     monkeypatch.setenv("SPO_KERNELS_CPU_BLOCK_MB", "0.01")  # clamps to 64 KiB: blocks of 64 vocab rows
     cpu, tor = CpuBackend(), TorchChunkedBackend()
-    seq, lse, _ = cpu.linear_forward(hidden, weight, bias, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), save_lse=True)
+    tr, opts = LogitTransform(multiplier=1.4, softcap=2.0, temperature=1.5), KernelOptions(token_stats=True)
+    ours_f = cpu.linear_forward(hidden, weight, bias, plan, tr, opts, save_lse=True)
     h64, w64, b64 = hidden.double(), weight.double(), bias.double()
-    seq_t, lse_t, _ = tor.linear_forward(h64, w64, b64, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), save_lse=True)
+    ref_f = tor.linear_forward(h64, w64, b64, plan, tr, opts, save_lse=True)
     loss_tol, grad_tol = TOL[dtype]
-    assert_rel(seq, seq_t, loss_tol, "seq")
-    assert_rel(lse, lse_t, loss_tol, "lse")
+    assert_rel(ours_f.seq_logps, ref_f.seq_logps, loss_tol, "seq")
+    assert_rel(ours_f.lse, ref_f.lse, loss_tol, "lse")
+    for name in ("entropy", "log_sum_p2", "mean_logit"):
+        assert_rel(getattr(ours_f.stats, name), getattr(ref_f.stats, name), loss_tol, name)
+    assert torch.equal(ours_f.stats.is_argmax.double(), ref_f.stats.is_argmax)
     gs = torch.randn(4, generator=g)
-    ours = cpu.linear_backward(hidden, weight, bias, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), lse=lse, grad_seq=gs, need_hidden=True, need_weight=True, need_bias=True)
-    ref = tor.linear_backward(h64, w64, b64, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), lse=lse_t, grad_seq=gs.double(), need_hidden=True, need_weight=True, need_bias=True)
+    ours = cpu.linear_backward(hidden, weight, bias, plan, tr, opts, ours_f.lse, gs, True, True, True)
+    ref = tor.linear_backward(h64, w64, b64, plan, tr, opts, ref_f.lse, gs.double(), True, True, True)
     for k in ("hidden", "weight", "bias"):
         assert getattr(ours, k).dtype == dtype
         assert_rel(getattr(ours, k), getattr(ref, k), grad_tol, k)
     assert torch.all(ours.hidden[:300] == 0)
+    if dtype == torch.float32:  # the frozen-head forward: dhidden up to g, with the token weights in it
+        frozen, dh_unit = cpu.linear_forward_for_backward(hidden, weight, bias, plan, tr, opts)
+        assert dh_unit is not None
+        assert_rel(frozen.seq_logps, ref_f.seq_logps, loss_tol, "frozen seq")
+        assert torch.equal(frozen.stats.is_argmax.double(), ref_f.stats.is_argmax)
+        assert_rel(frozen.stats.entropy, ref_f.stats.entropy, loss_tol, "frozen entropy")
+        dh = cpu.linear_backward(hidden, weight, bias, plan, tr, opts, frozen.lse, gs, True, False, False,
+                                 extra=dh_unit).hidden
+        assert_rel(dh, ref.hidden, grad_tol, "frozen dhidden")
 
 
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
