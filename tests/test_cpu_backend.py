@@ -337,27 +337,33 @@ def test_logits_backward_poisoned_out_and_strides(dtype):
     wide = (torch.randn(N, 2 * V, generator=g) * 3).to(dtype)
     logits = wide[:, ::2]  # rows not contiguous in the last dim
     cpu, tor = CpuBackend(), TorchChunkedBackend()
-    seq, lse, _ = cpu.logits_forward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), options=KernelOptions())
-    seq_t, lse_t, _ = tor.logits_forward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), options=KernelOptions())
+    seq, lse, _ = cpu.logits_forward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8),
+                                     options=KernelOptions())
+    seq_t, lse_t, _ = tor.logits_forward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8),
+                                         options=KernelOptions())
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert seq.dtype == torch.float64 and lse.dtype == acc  # sums in float64 (SPEC 7)
     assert_rel(seq, seq_t, 1e-6, "seq")
     assert_rel(lse, lse_t, 1e-6, "lse")
     grad_seq = torch.randn(2, generator=g, dtype=acc)
     out = torch.full((N, V), float("nan"), dtype=dtype)
-    cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=out)
+    cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse,
+                        grad_seq=grad_seq, out=out)
     ref = torch.full((N, V), float("nan"), dtype=dtype)
-    tor.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse_t, grad_seq=grad_seq, out=ref)
+    tor.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse_t,
+                        grad_seq=grad_seq, out=ref)
     assert torch.isfinite(out.float()).all()
     assert torch.all(out[::3] == 0)
     assert_rel(out, ref, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, "dlogits")
     # out with a strided last dim too
     out2 = torch.full((N, 2 * V), float("nan"), dtype=dtype)[:, 1::2]
-    cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=out2)
+    cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse,
+                        grad_seq=grad_seq, out=out2)
     assert torch.equal(out2, out)
     # in place on a contiguous buffer: same numbers
     buf = logits.contiguous()
-    cpu.logits_backward(buf, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=buf)
+    cpu.logits_backward(buf, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq,
+                        out=buf)
     assert torch.equal(buf, out)
 
 
@@ -440,13 +446,16 @@ def test_linear_empty_plan_and_determinism():
     empty = _plan(torch.full_like(labels, -100), w.shape[0], cu)
     seq, lse, _ = cpu.linear_forward(h, w, b, empty, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
     assert torch.equal(seq, torch.zeros(empty.num_seqs)) and lse.numel() == 0
-    gr = cpu.linear_backward(h, w, b, empty, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=torch.ones(empty.num_seqs), need_hidden=True, need_weight=True, need_bias=True)
+    gr = cpu.linear_backward(h, w, b, empty, transform=LogitTransform(), options=KernelOptions(), lse=lse,
+                             grad_seq=torch.ones(empty.num_seqs), need_hidden=True, need_weight=True, need_bias=True)
     assert torch.all(gr.hidden == 0) and torch.all(gr.weight == 0) and torch.all(gr.bias == 0)
     plan = _plan(labels, w.shape[0], cu)
     runs = []
     for _ in range(2):
         s, l, _ = cpu.linear_forward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
-        runs.append((s, cpu.linear_backward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=l, grad_seq=torch.ones(plan.num_seqs), need_hidden=True, need_weight=True, need_bias=True)))
+        runs.append((s, cpu.linear_backward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=l,
+                                            grad_seq=torch.ones(plan.num_seqs), need_hidden=True, need_weight=True,
+                                            need_bias=True)))
     assert torch.equal(runs[0][0], runs[1][0])
     for a, c in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, c)
