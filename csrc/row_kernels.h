@@ -117,14 +117,17 @@ inline float ftanh(float x) {
 }
 inline double ftanh(double x) { return std::tanh(x); }
 
-// SPEC 2's transform folded into two constants: with softcap (Cap), z = post * tanh(x * pre) with
-// pre = multiplier / cap and post = cap / temperature; without, z = x * post with
+// SPEC 2's transform folded into constants: with softcap (Cap), z = post * tanh(x * pre) with
+// pre = multiplier / cap and post = cap / temperature, dz/dx = slope * (1 - tanh^2) with
+// slope = multiplier / temperature; without, z = x * post and dz/dx = post with
 // post = multiplier / temperature.
 template <typename A>
 struct XformConsts {
-  A pre, post;
+  A pre, post, slope;
   XformConsts(const Xform& xf, bool cap)
-      : pre(cap ? A(xf.multiplier / xf.cap) : A(0)), post(cap ? A(xf.cap * xf.inv_t) : A(xf.multiplier * xf.inv_t)) {}
+      : pre(cap ? A(xf.multiplier / xf.cap) : A(0)),
+        post(cap ? A(xf.cap * xf.inv_t) : A(xf.multiplier * xf.inv_t)),
+        slope(A(xf.multiplier * xf.inv_t)) {}
 };
 
 template <bool Cap, typename A>
@@ -137,7 +140,7 @@ template <bool Cap, typename A>
 inline A xform_chain(A v, const XformConsts<A>& k, A& chain) {
   if (Cap) {
     A t = ftanh(v * k.pre);
-    chain = (A(1) - t * t) * k.pre * k.post;
+    chain = (A(1) - t * t) * k.slope;
     return k.post * t;
   }
   chain = k.post;
