@@ -184,6 +184,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(data_file, tmp_path):
     ("dist", "deepspeed", "dist must be one of"), ("grad_accum", 0, "grad_accum must be >= 1"),
     ("loss_options", {"softcap": 3.0}, "softcap"), ("loss_options", {"beta": 0.3}, "field of its own"),
     ("loss_options", {"dpop_lambda": float("nan")}, "dpop_lambda must be finite"),
+    ("loss_options", {"ld_alpha": 0.5}, "ld_alpha=0.5 with a loss that reads reference log-probs"),
 ])
 def test_bad_config_values_are_named(data_file, tmp_path, field, value, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -376,3 +377,15 @@ def test_multi_loss_and_f_divergence_from_the_command_line(data_file, tmp_path):
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     # sigmoid (log 2 at the start, policy = reference) + 0.5 x the chosen completions' token-mean NLL.
     assert records[0]["loss"] == pytest.approx(math.log(2) + 0.5 * records[0]["nll"], rel=1e-5)
+
+
+def test_wpo_weighting_runs_through_the_trainer(data_file, tmp_path):
+    from spo_kernels import config as loss_config_module
+    if "use_weighting" not in {f.name for f in dataclasses.fields(loss_config_module.PreferenceLossConfig)}:
+        pytest.skip("this spo_kernels has no use_weighting")
+    plain = train(tiny_config(data_file, tmp_path / "plain", max_steps=2))
+    wpo = train(tiny_config(data_file, tmp_path / "wpo", max_steps=2, loss_options={"use_weighting": True}))
+    a, b = read_metrics(plain.out_dir), read_metrics(wpo.out_dir)
+    # WPO multiplies each pair's loss by a weight in (0, 1]: a smaller loss than the unweighted one.
+    assert all(math.isfinite(r["loss"]) for r in b)
+    assert 0 < b[0]["loss"] < a[0]["loss"]

@@ -144,7 +144,14 @@ class TrainConfig:
             if key in named:
                 raise ValueError(f"loss_options: {key!r} is a TrainConfig field of its own; set it there")
         if self.objective == "preference":
-            self.loss_config()  # validates the loss fields early, with the library's messages
+            loss = self.loss_config()  # validates the loss fields early, with the library's messages
+            ld_alpha = getattr(loss, "ld_alpha", None)
+            if ld_alpha is not None and ld_alpha != 1.0 and loss.needs_reference:
+                # LD-DPO weighs the reference's tokens too; the trainer's reference log-probs (the cache, or
+                # the frozen model's forward) are plain sums, which would be silently wrong here.
+                raise ValueError(f"ld_alpha={ld_alpha} with a loss that reads reference log-probs is not supported "
+                                 f"by the trainer (its reference log-probs are unweighted sums); use a "
+                                 f"reference-free loss or leave ld_alpha unset")
 
     def loss_config(self, softcap: Optional[float] = None, **model_owned) -> PreferenceLossConfig:
         """The loss configuration; ``softcap`` and any other model-owned field (``logit_multiplier``)
