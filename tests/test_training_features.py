@@ -386,6 +386,7 @@ def test_wpo_weighting_runs_through_the_trainer(data_file, tmp_path):
     plain = train(tiny_config(data_file, tmp_path / "plain", max_steps=2))
     wpo = train(tiny_config(data_file, tmp_path / "wpo", max_steps=2, loss_options={"use_weighting": True}))
     a, b = read_metrics(plain.out_dir), read_metrics(wpo.out_dir)
-    # WPO multiplies each pair's loss by a weight in (0, 1]: a smaller loss than the unweighted one.
+    # WPO multiplies each pair's loss (log 2 at step 1, policy = reference) by a positive weight that is not 1.
     assert all(math.isfinite(r["loss"]) for r in b)
-    assert 0 < b[0]["loss"] < a[0]["loss"]
+    assert a[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert b[0]["loss"] > 0 and abs(b[0]["loss"] - a[0]["loss"]) > 1e-4
