@@ -273,7 +273,8 @@ def _logps_fn(targets, transform, backend, token_weights, token_stats, ignore_in
     return run
 
 
-def _loss_fn(targets, transform, backend, cfg: PreferenceLossConfig, ref_logps, anchor, token_weights, token_stats):
+def _loss_fn(targets, transform, backend, cfg: PreferenceLossConfig, ref_logps, anchor, token_weights, token_stats,
+             bco_delta=None):
     def run(hidden, weight, bias):
         native = _accepts("fused_linear_preference_loss", "logit_multiplier")
         h, b = _scaled(transform, hidden, bias, native)
@@ -286,7 +287,7 @@ def _loss_fn(targets, transform, backend, cfg: PreferenceLossConfig, ref_logps, 
         if core_stats:
             kwargs["token_stats"] = True
         out = api.fused_linear_preference_loss(h, weight, targets, b, ref_logps=ref_logps, spo_anchor=anchor,
-                                               config=cfg, backend=backend, **kwargs)
+                                               config=cfg, backend=backend, bco_delta=bco_delta, **kwargs)
         result = {"loss": out.loss, "logps": out.policy_logps, "counts": out.counts, "metrics": dict(out.metrics)}
         if out.ref_logps is not None:
             result["ref_logps"] = out.ref_logps
@@ -360,7 +361,8 @@ def enable_fused_head(model, backend: Optional[str] = None):
 
     Afterwards ``model(..., labels=labels, spo_logps=True)`` returns ``logps [B]`` / ``counts [B]``, and
     ``model(..., labels=labels, spo_loss=PreferenceLossConfig(...), spo_ref_logps=ref [B],
-    spo_anchor=None | "reference" | "one_step" tensor [P])`` returns ``loss`` and ``metrics`` (rows
+    spo_anchor=None | "reference" | tensor [P], spo_bco_delta=None | scalar | callable)`` returns ``loss``
+    and ``metrics`` (rows
     ``0..P-1`` chosen, ``P..2P-1`` rejected). ``spo_token_stats=True`` adds ``token_stat_sums``.
     ``labels`` are unshifted Hugging Face labels (``-100`` outside the completion). Any other call runs
     the original forward. Idempotent; patch before wrapping in DDP / FSDP2 or after, either works (the
@@ -383,7 +385,7 @@ def enable_fused_head(model, backend: Optional[str] = None):
     @functools.wraps(type(target).forward)
     def forward(self, *args, labels=None, spo_logps: bool = False, spo_loss: Optional[PreferenceLossConfig] = None,
                 spo_ref_logps: Optional[Tensor] = None, spo_anchor=None, spo_token_stats: bool = False,
-                spo_token_weights: Optional[Tensor] = None, **kwargs):
+                spo_token_weights: Optional[Tensor] = None, spo_bco_delta=None, **kwargs):
         if not spo_logps and spo_loss is None:
             if labels is not None:
                 kwargs["labels"] = labels
@@ -412,7 +414,8 @@ def enable_fused_head(model, backend: Optional[str] = None):
                     raise ValueError("pass ld_alpha or spo_token_weights, not both")
                 token_weights = ld_token_weights(targets, cfg.ld_alpha, ignore_index)
                 cfg = cfg.replace(ld_alpha=None)
-            fn = _loss_fn(targets, transform, backend, cfg, spo_ref_logps, spo_anchor, token_weights, spo_token_stats)
+            fn = _loss_fn(targets, transform, backend, cfg, spo_ref_logps, spo_anchor, token_weights, spo_token_stats,
+                              spo_bco_delta)
         else:
             fn = _logps_fn(targets, transform, backend, token_weights, spo_token_stats, ignore_index)
         return _OUTPUT(**_call_head(head, hidden, fn))
