@@ -206,7 +206,8 @@ def _token_stat_sums_eager(hidden, weight, bias, targets, transform: HeadTransfo
     sums = {k: torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
             for k in ("entropy", "mean_logit", "argmax")}
     for s in range(0, h.shape[0], chunk):
-        z = nn.functional.linear(h[s:s + chunk], weight, bias).float()
+        z = nn.functional.linear(h[s:s + chunk], weight, bias)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
         if transform.multiplier != 1.0:
             z = z * transform.multiplier
         if transform.softcap is not None:
@@ -396,19 +397,19 @@ def enable_fused_head(model, backend: Optional[str] = None):
             raise ValueError("the fused head needs labels [B, T] (Hugging Face style, -100 outside completions)")
         if kwargs.get("output_router_logits"):
             raise NotImplementedError("MoE router auxiliary losses are not computed by the fused head")
+        cfg = None if spo_loss is None else _loss_config(spo_loss, transform)  # validated before any compute
         for name in ("logits_to_keep", "num_items_in_batch", "return_dict"):
             kwargs.pop(name, None)
         kwargs["use_cache"] = False
         hidden = backbone(*args, **kwargs).last_hidden_state
-        ignore_index = spo_loss.ignore_index if spo_loss is not None else -100
+        ignore_index = -100 if cfg is None else cfg.ignore_index
         if labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels {tuple(labels.shape)} do not match the hidden states {tuple(hidden.shape[:2])} "
                              f"(prompt-learning PEFT adds virtual tokens: not supported)")
         targets = shift_labels(labels.to(hidden.device), ignore_index)
         head = target.get_output_embeddings()
         token_weights = spo_token_weights
-        if spo_loss is not None:
-            cfg = _loss_config(spo_loss, transform)
+        if cfg is not None:
             if cfg.ld_alpha is not None:
                 if token_weights is not None:
                     raise ValueError("pass ld_alpha or spo_token_weights, not both")
