@@ -106,3 +106,85 @@ def relative_errors(logs_a, logs_b, beta=0.1):
 def loss_kwargs(loss_type):
     """DPOConfig options a loss type needs (exo_pair requires label smoothing, as in TRL)."""
     return {"label_smoothing": 1e-3} if loss_type == "exo_pair" else {}
+
+
+CASES = None  # filled by _cases(): (label, kwargs for run())
+
+
+def _cases():
+    from spo_kernels import LOSS_TYPES
+    trl_types = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                 "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+    cases = [(t, dict(loss_type=t, **loss_kwargs(t))) for t in trl_types]
+    cases += [("sigmoid, Gemma 2 softcap", dict(kind="gemma2")), ("sigmoid, Cohere logit_scale", dict(kind="cohere")),
+              ("sigmoid, Granite logits_scaling", dict(kind="granite")),
+              ("sigmoid, precomputed reference", dict(precompute_ref_log_probs=True)),
+              ("sigmoid, ld_alpha=0.5", dict(ld_alpha=0.5)), ("sigmoid, use_weighting", dict(use_weighting=True)),
+              ("sigmoid, f_divergence js", dict(f_divergence_type="js_divergence"))]
+    try:
+        import peft
+        cases.append(("sigmoid, LoRA (adapter-disabled reference)",
+                      dict(peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       lora_dropout=0.0, init_lora_weights=False))))
+    except ImportError:
+        pass
+    return cases, LOSS_TYPES
+
+
+def parity_table(out_path):
+    """Writes the parity table (markdown) of SPOTrainer against DPOTrainer; returns its rows."""
+    import platform
+    import tempfile
+
+    import datasets
+    import transformers
+    import trl
+    from trl import DPOConfig, DPOTrainer
+
+    from spo_kernels.integrations.trl import SPOConfig, SPOTrainer
+
+    datasets.disable_progress_bars()
+    cases, _ = _cases()
+    rows = []
+    for label, kw in cases:
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                train_args(SPOConfig, d, **{k: v for k, v in kw.items() if k not in ("kind", "peft_config")})
+            except (NotImplementedError, ValueError) as exc:
+                rows.append((label, None, f"raises {type(exc).__name__}: {str(exc).split(';')[0][:100]}"))
+                continue
+            a, _ = run(DPOTrainer, DPOConfig, d + "/trl", **kw)
+            b, _ = run(SPOTrainer, SPOConfig, d + "/spo", **kw)
+        errs = relative_errors(a, b)
+        rows.append((label, errs, None))
+        print(label, max(errs.values()), flush=True)
+    lines = ["# SPOTrainer vs TRL 1.16 DPOTrainer: parity", "",
+             "Same tiny random Llama (hidden 32, 2 layers, vocab 61, eager attention), same 8 pairs, 3 steps of "
+             "SGD (lr 1.0, batch 2 pairs), fp32 on CPU. Each cell is the largest relative error over the 3 logged "
+             "steps, `|trl - spo| / max(|trl|, |spo|, floor)`; the floor is 0 except for differences of large "
+             "sums: `rewards/*` = beta (L - R) of ~20-nat summed log-probs (floor beta * max |logps/*|, the fp32 "
+             "rounding of TRL's sums) and `logits/*`, means of O(1) logits that cancel to ~1e-2 (floor 1). "
+             "\"metrics\" is the worst of TRL's other logged metrics (entropy, num_tokens, logits/chosen, "
+             "logits/rejected, mean_token_accuracy, rewards/chosen, rewards/rejected, rewards/accuracies, "
+             "rewards/margins, logps/chosen, logps/rejected). Tolerance of tests/test_integrations_trl.py: 1e-5.",
+             "", f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+             f"{platform.machine()} CPU.", "",
+             "Reproduce: `PYTHONPATH=$PWD python tests/trl_parity.py benchmarks/results/trl-trainer-parity.md`", "",
+             "| case | loss | grad_norm | metrics (worst) | result |", "|---|---|---|---|---|"]
+    for label, errs, note in rows:
+        if errs is None:
+            lines.append(f"| {label} | - | - | - | {note} |")
+            continue
+        other = {k: v for k, v in errs.items() if k not in ("loss", "grad_norm")}
+        worst = max(other, key=other.get)
+        ok = max(errs.values()) <= 1e-5
+        lines.append(f"| {label} | {errs['loss']:.1e} | {errs['grad_norm']:.1e} | {other[worst]:.1e} ({worst}) | "
+                     f"{'within 1e-5' if ok else 'OVER 1e-5'} |")
+    with open(out_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+    parity_table(sys.argv[1] if len(sys.argv) > 1 else "trl-trainer-parity.md")
