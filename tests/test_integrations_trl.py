@@ -64,6 +64,16 @@ def test_parity_head_transforms(tmp_path, kind):
     _parity(tmp_path, kind=kind)
 
 
+def test_parity_multi_loss(tmp_path):
+    """TRL's loss list with weights (RPO = sigmoid + weighted SFT)."""
+    try:
+        tp.train_args(SPOConfig, tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    except NotImplementedError as exc:
+        assert "loss_weights" in str(exc)
+        return
+    _parity(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+
+
 def test_parity_precomputed_reference(tmp_path):
     _parity(tmp_path, precompute_ref_log_probs=True)
 

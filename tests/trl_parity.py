@@ -120,7 +120,10 @@ def _cases():
               ("sigmoid, Granite logits_scaling", dict(kind="granite")),
               ("sigmoid, precomputed reference", dict(precompute_ref_log_probs=True)),
               ("sigmoid, ld_alpha=0.5", dict(ld_alpha=0.5)), ("sigmoid, use_weighting", dict(use_weighting=True)),
-              ("sigmoid, f_divergence js", dict(f_divergence_type="js_divergence"))]
+              ("sigmoid, f_divergence js", dict(f_divergence_type="js_divergence")),
+              ("sigmoid, f_divergence alpha 0.5", dict(f_divergence_type="alpha_divergence",
+                                                       f_alpha_divergence_coef=0.5)),
+              ("[sigmoid, sft] weights [1, 0.5] (RPO)", dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]))]
     try:
         import peft
         cases.append(("sigmoid, LoRA (adapter-disabled reference)",
