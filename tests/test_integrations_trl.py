@@ -74,6 +74,13 @@ def test_parity_multi_loss(tmp_path):
     _parity(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
 
 
+@pytest.mark.parametrize("options", [dict(gradient_checkpointing=True), dict(kind="gpt2"),
+                                     dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)],
+                         ids=["gradient_checkpointing", "gpt2_tied_head", "sync_ref_model"])
+def test_parity_other_settings(tmp_path, options):
+    _parity(tmp_path, **options)
+
+
 def test_parity_precomputed_reference(tmp_path):
     _parity(tmp_path, precompute_ref_log_probs=True)
 

@@ -118,7 +118,10 @@ def _cases():
     cases = [(t, dict(loss_type=t, **loss_kwargs(t))) for t in trl_types]
     cases += [("sigmoid, Gemma 2 softcap", dict(kind="gemma2")), ("sigmoid, Cohere logit_scale", dict(kind="cohere")),
               ("sigmoid, Granite logits_scaling", dict(kind="granite")),
+              ("sigmoid, GPT-2 tied head", dict(kind="gpt2")),
               ("sigmoid, precomputed reference", dict(precompute_ref_log_probs=True)),
+              ("sigmoid, gradient checkpointing", dict(gradient_checkpointing=True)),
+              ("sigmoid, sync_ref_model", dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)),
               ("sigmoid, ld_alpha=0.5", dict(ld_alpha=0.5)), ("sigmoid, use_weighting", dict(use_weighting=True)),
               ("sigmoid, f_divergence js", dict(f_divergence_type="js_divergence")),
               ("sigmoid, f_divergence alpha 0.5", dict(f_divergence_type="alpha_divergence",
