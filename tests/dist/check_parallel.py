@@ -113,6 +113,16 @@ def main(mode):
             p.sub_(0.5 * p.grad)
     after = {n: full(p.detach()) for n, p in model.named_parameters()}
     info["param_err_after_step"] = max(rel(after[n], v) for n, v in single_after.items())
+    if mode == "fsdp_head":
+        # A tensor-parallel head keeps a DTensor weight inside its forward: a clear error, never a number.
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+        tp_model = enable_fused_head(build_model())
+        parallelize_module(tp_model.lm_head, mesh, ColwiseParallel())
+        try:
+            tp_model(input_ids=ids[rows], attention_mask=am[rows], labels=labels[rows], spo_logps=True)
+            info["tp_head"] = "no error"
+        except TypeError as exc:
+            info["tp_head"] = "TypeError" if "DTensor" in str(exc) else f"TypeError: {exc}"
     flat = torch.cat([v.reshape(-1) for v in after.values()])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
@@ -122,7 +132,7 @@ def main(mode):
 
 if __name__ == "__main__":
     info = main(sys.argv[1])
-    ok = info["loss_err"] < TOL and info["grad_err"] < TOL and info["param_err_after_step"] < TOL and info["ranks_in_sync"]
+    ok = info.get("tp_head", "TypeError") == "TypeError" and info["loss_err"] < TOL and info["grad_err"] < TOL and info["param_err_after_step"] < TOL and info["ranks_in_sync"]
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(info), flush=True)
     dist.destroy_process_group()
