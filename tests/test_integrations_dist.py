@@ -41,6 +41,8 @@ def test_parallel_equals_single_process(mode):
     info = _torchrun("check_parallel.py", mode)
     assert info["world"] == 2 and info["ranks_in_sync"]
     assert info["loss_err"] < 1e-5 and info["grad_err"] < 1e-5 and info["param_err_after_step"] < 1e-5, info
+    if mode == "ddp":
+        assert info["anchor_err"] < 1e-5, info  # the one-step anchor's SFT step spans the global batch
     if mode == "fsdp_head":
         assert info["tp_head"] == "TypeError", info  # a tensor-parallel (DTensor) head raises
 

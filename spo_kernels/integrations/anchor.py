@@ -44,8 +44,20 @@ def _chosen_logps(decoder, params, head_weight, head_bias, transform, input_ids,
     return fused_linear_sequence_logprobs(hidden, weight, targets, bias, **kwargs)
 
 
+def _data_parallel_world(all_reduce: Optional[bool]) -> int:
+    """The number of data-parallel processes whose batches form the SFT step (1: this batch alone)."""
+    import torch.distributed as dist
+
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if all_reduce is None:
+        all_reduce = active
+    if all_reduce and not active:
+        raise ValueError("all_reduce=True needs an initialized torch.distributed process group")
+    return dist.get_world_size() if all_reduce else 1
+
+
 def one_step_anchor(model, batch, alpha: float, normalize: str = "mean", backend: Optional[str] = None,
-                    shift_labels: bool = False) -> Tensor:
+                    shift_labels: bool = False, all_reduce: Optional[bool] = None) -> Tensor:
     """SPO's ``"one_step"`` anchor: the chosen responses' log-probs after one virtual SFT step.
 
     ``theta' = theta - alpha * grad F(theta)`` where ``F`` is the chosen completions' token-mean NLL over
@@ -64,6 +76,10 @@ def one_step_anchor(model, batch, alpha: float, normalize: str = "mean", backend
             ``"sum"`` -> summed ``L_w``.
         shift_labels: False: ``labels`` are position-aligned targets; True: Hugging Face labels
             (unshifted, ``-100`` outside the completion).
+        all_reduce: under data parallelism (DDP: every process holds the same parameters), take the SFT
+            step on the global batch: the summed NLL gradients and token counts are all-reduced, so each
+            process's anchors equal one process's on the whole batch. Default: when a process group of
+            more than one process is initialized.
     Returns:
         ``[P]`` fp32 tensor, detached; pass it as ``spo_anchor=`` to the fused preference loss.
     """
@@ -96,11 +112,23 @@ def one_step_anchor(model, batch, alpha: float, normalize: str = "mean", backend
     decoder = causal_lm.get_decoder()
     prefix = _module_prefix(model, decoder)
     current = {n[len(prefix):]: p for n, p in trainable.items() if n.startswith(prefix)}
+    world = _data_parallel_world(all_reduce)
     with torch.enable_grad():
         seq = _chosen_logps(decoder, current, active.weight, active.bias, transform, input_ids, attention_mask,
                             targets, backend)
-        sft_loss = -seq.logps.sum() / seq.counts.sum().clamp(min=1)
+        tokens = seq.counts.sum().to(torch.float64)
+        if world > 1:  # F = global summed NLL / global token count
+            import torch.distributed as dist
+            dist.all_reduce(tokens)
+        sft_loss = -seq.logps.sum() / tokens.clamp(min=1).to(seq.logps.dtype)
         grads = torch.autograd.grad(sft_loss, list(trainable.values()), allow_unused=True)
+    if world > 1:
+        import torch.distributed as dist
+        grads = list(grads)
+        for i, g in enumerate(grads):
+            g = torch.zeros_like(list(trainable.values())[i]) if g is None else g.contiguous()
+            dist.all_reduce(g)
+            grads[i] = g
     stepped = {name: (p.detach() if g is None else p.detach() - alpha * g)
                for (name, p), g in zip(trainable.items(), grads)}
     decoder_params = {n[len(prefix):]: t for n, t in stepped.items() if n.startswith(prefix)}

@@ -100,6 +100,14 @@ def main(mode):
                 info["dtensor_outside_forward"] = f"unclear error {type(exc).__name__}"
 
     rows = local_rows(rank, world)
+    if mode == "ddp":  # SPO's one-step anchor: the SFT step on the global batch, whichever rows a rank holds
+        from spo_kernels.integrations.anchor import one_step_anchor
+        fresh = build_model()
+        single_anchor = one_step_anchor(fresh, {"input_ids": ids, "attention_mask": am, "labels": labels}, 0.5,
+                                        shift_labels=True, all_reduce=False)
+        local_anchor = one_step_anchor(fresh, {"input_ids": ids[rows], "attention_mask": am[rows],
+                                               "labels": labels[rows]}, 0.5, shift_labels=True)
+        info["anchor_err"] = rel(local_anchor, single_anchor[rows[: len(rows) // 2]])
     out = wrapped(input_ids=ids[rows], attention_mask=am[rows], labels=labels[rows], spo_loss=cfg,
                   spo_ref_logps=ref[rows])
     out.loss.backward()
@@ -132,7 +140,7 @@ def main(mode):
 
 if __name__ == "__main__":
     info = main(sys.argv[1])
-    ok = info.get("tp_head", "TypeError") == "TypeError" and info["loss_err"] < TOL and info["grad_err"] < TOL and info["param_err_after_step"] < TOL and info["ranks_in_sync"]
+    ok = info.get("tp_head", "TypeError") == "TypeError" and info.get("anchor_err", 0.0) < TOL and info["loss_err"] < TOL and info["grad_err"] < TOL and info["param_err_after_step"] < TOL and info["ranks_in_sync"]
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(info), flush=True)
     dist.destroy_process_group()
