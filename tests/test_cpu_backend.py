@@ -14,6 +14,7 @@ from spo_kernels.backends import get_backend, resolve_backend_name
 from spo_kernels.backends.cpu import CpuBackend, extension_available
 from spo_kernels.backends.torch_chunked import TorchChunkedBackend
 from spo_kernels.layout import build_plan
+from spo_kernels.kernels.types import KernelOptions, LogitTransform
 
 import batches
 from batches import rel_err
@@ -336,27 +337,27 @@ def test_logits_backward_poisoned_out_and_strides(dtype):
     wide = (torch.randn(N, 2 * V, generator=g) * 3).to(dtype)
     logits = wide[:, ::2]  # rows not contiguous in the last dim
     cpu, tor = CpuBackend(), TorchChunkedBackend()
-    seq, lse = cpu.logits_forward(logits, plan, 4.0, 0.8)
-    seq_t, lse_t = tor.logits_forward(logits, plan, 4.0, 0.8)
+    seq, lse, _ = cpu.logits_forward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), options=KernelOptions())
+    seq_t, lse_t, _ = tor.logits_forward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), options=KernelOptions())
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert seq.dtype == torch.float64 and lse.dtype == acc  # sums in float64 (SPEC 7)
     assert_rel(seq, seq_t, 1e-6, "seq")
     assert_rel(lse, lse_t, 1e-6, "lse")
     grad_seq = torch.randn(2, generator=g, dtype=acc)
     out = torch.full((N, V), float("nan"), dtype=dtype)
-    cpu.logits_backward(logits, plan, 4.0, 0.8, lse, grad_seq, out)
+    cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=out)
     ref = torch.full((N, V), float("nan"), dtype=dtype)
-    tor.logits_backward(logits, plan, 4.0, 0.8, lse_t, grad_seq, ref)
+    tor.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse_t, grad_seq=grad_seq, out=ref)
     assert torch.isfinite(out.float()).all()
     assert torch.all(out[::3] == 0)
     assert_rel(out, ref, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, "dlogits")
     # out with a strided last dim too
     out2 = torch.full((N, 2 * V), float("nan"), dtype=dtype)[:, 1::2]
-    cpu.logits_backward(logits, plan, 4.0, 0.8, lse, grad_seq, out2)
+    cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=out2)
     assert torch.equal(out2, out)
     # in place on a contiguous buffer: same numbers
     buf = logits.contiguous()
-    cpu.logits_backward(buf, plan, 4.0, 0.8, lse, grad_seq, buf)
+    cpu.logits_backward(buf, plan, transform=LogitTransform(softcap=4.0, temperature=0.8), lse=lse, grad_seq=grad_seq, out=buf)
     assert torch.equal(buf, out)
 
 
@@ -376,15 +377,15 @@ def test_linear_ops_many_tiles_and_blocks(monkeypatch, dtype):
     assert plan.num_tokens > 4096
     monkeypatch.setenv("SPO_KERNELS_CPU_BLOCK_MB", "0.01")  # clamps to 64 KiB: blocks of 64 vocab rows
     cpu, tor = CpuBackend(), TorchChunkedBackend()
-    seq, lse = cpu.linear_forward(hidden, weight, bias, plan, 2.0, 1.5, True)
+    seq, lse, _ = cpu.linear_forward(hidden, weight, bias, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), save_lse=True)
     h64, w64, b64 = hidden.double(), weight.double(), bias.double()
-    seq_t, lse_t = tor.linear_forward(h64, w64, b64, plan, 2.0, 1.5, True)
+    seq_t, lse_t, _ = tor.linear_forward(h64, w64, b64, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), save_lse=True)
     loss_tol, grad_tol = TOL[dtype]
     assert_rel(seq, seq_t, loss_tol, "seq")
     assert_rel(lse, lse_t, loss_tol, "lse")
     gs = torch.randn(4, generator=g)
-    ours = cpu.linear_backward(hidden, weight, bias, plan, 2.0, 1.5, lse, gs, True, True, True)
-    ref = tor.linear_backward(h64, w64, b64, plan, 2.0, 1.5, lse_t, gs.double(), True, True, True)
+    ours = cpu.linear_backward(hidden, weight, bias, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), lse=lse, grad_seq=gs, need_hidden=True, need_weight=True, need_bias=True)
+    ref = tor.linear_backward(h64, w64, b64, plan, transform=LogitTransform(softcap=2.0, temperature=1.5), options=KernelOptions(), lse=lse_t, grad_seq=gs.double(), need_hidden=True, need_weight=True, need_bias=True)
     for k in ("hidden", "weight", "bias"):
         assert getattr(ours, k).dtype == dtype
         assert_rel(getattr(ours, k), getattr(ref, k), grad_tol, k)
@@ -399,10 +400,14 @@ def test_linear_backward_need_flags(need):
     w, b = batch["weight"].to(torch.bfloat16), batch["bias"].to(torch.bfloat16)
     plan = _plan(labels, w.shape[0], cu)
     cpu, tor = CpuBackend(), TorchChunkedBackend()
-    _, lse = cpu.linear_forward(h, w, b, plan, None, 1.0, True)
+    _, lse, _ = cpu.linear_forward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
     gs = torch.randn(plan.num_seqs)
-    ours = cpu.linear_backward(h, w, b, plan, None, 1.0, lse, gs, *need, deterministic=True, grad_filter_eps=0.1)
-    ref = tor.linear_backward(h, w, b, plan, None, 1.0, lse, gs, *need)
+    flags = dict(zip(("need_hidden", "need_weight", "need_bias"), need))
+    ours = cpu.linear_backward(h, w, b, plan, transform=LogitTransform(),
+                               options=KernelOptions(deterministic=True, grad_filter_eps=0.1), lse=lse, grad_seq=gs,
+                               **flags)
+    ref = tor.linear_backward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=gs,
+                              **flags)
     for k, flag in zip(("hidden", "weight", "bias"), need):
         a, r = getattr(ours, k), getattr(ref, k)
         if not flag:
@@ -418,16 +423,15 @@ def test_linear_empty_plan_and_determinism():
     w, b = batch["weight"], batch["bias"]
     cpu = CpuBackend()
     empty = _plan(torch.full_like(labels, -100), w.shape[0], cu)
-    seq, lse = cpu.linear_forward(h, w, b, empty, None, 1.0, True)
+    seq, lse, _ = cpu.linear_forward(h, w, b, empty, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
     assert torch.equal(seq, torch.zeros(empty.num_seqs)) and lse.numel() == 0
-    gr = cpu.linear_backward(h, w, b, empty, None, 1.0, lse, torch.ones(empty.num_seqs), True, True, True)
+    gr = cpu.linear_backward(h, w, b, empty, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=torch.ones(empty.num_seqs), need_hidden=True, need_weight=True, need_bias=True)
     assert torch.all(gr.hidden == 0) and torch.all(gr.weight == 0) and torch.all(gr.bias == 0)
     plan = _plan(labels, w.shape[0], cu)
     runs = []
     for _ in range(2):
-        s, l = cpu.linear_forward(h, w, b, plan, None, 1.0, True)
-        runs.append((s, cpu.linear_backward(h, w, b, plan, None, 1.0, l, torch.ones(plan.num_seqs),
-                                            True, True, True)))
+        s, l, _ = cpu.linear_forward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
+        runs.append((s, cpu.linear_backward(h, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=l, grad_seq=torch.ones(plan.num_seqs), need_hidden=True, need_weight=True, need_bias=True)))
     assert torch.equal(runs[0][0], runs[1][0])
     for a, c in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, c)
@@ -471,13 +475,13 @@ def test_every_instruction_set_variant(isa):
         for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             for cap, temp in ((None, 1.0), (3.0, 0.7)):
                 logits = (torch.randn(N, V, generator=g) * 4).to(dtype)
-                seq, lse = cpu.logits_forward(logits, plan, cap, temp)
-                seq_t, lse_t = tor.logits_forward(logits, plan, cap, temp)
+                seq, lse, _ = cpu.logits_forward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), options=KernelOptions())
+                seq_t, lse_t, _ = tor.logits_forward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), options=KernelOptions())
                 assert_rel(seq, seq_t, 1e-6, f"{isa} {dtype} seq")
                 gs = torch.randn(2, generator=g, dtype=seq.dtype)
                 ref = torch.empty_like(logits)
-                tor.logits_backward(logits, plan, cap, temp, lse_t, gs, ref)
-                cpu.logits_backward(logits, plan, cap, temp, lse, gs, logits)  # in place
+                tor.logits_backward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), lse=lse_t, grad_seq=gs, out=ref)
+                cpu.logits_backward(logits, plan, transform=LogitTransform(softcap=cap, temperature=temp), lse=lse, grad_seq=gs, out=logits)  # in place
                 assert_rel(logits, ref, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2, f"{isa} {dtype}")
     finally:
         _cpu.set_isa("auto")

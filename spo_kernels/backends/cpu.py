@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .base import Backend, LinearGrads
+from .base import Backend, LinearGrads, LogprobResult
 
 try:  # the compiled extension is optional: setup.py skips it when it cannot be built
     from .. import _cpu
@@ -93,47 +93,60 @@ def _torch_fallback():
     return TorchChunkedBackend()
 
 
+def _needs_torch(x, plan, options=None) -> bool:
+    """What the extension does not compute yet goes to the ``torch`` backend (same results): other dtypes,
+    token weights and per-token statistics."""
+    return (x.dtype not in _DTYPES or plan.token_weights is not None
+            or (options is not None and options.token_stats))
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
-    # ---- logits path -------------------------------------------------------------------------
-    def logits_forward(self, logits, plan, softcap, temperature):
-        if logits.dtype not in _DTYPES:
-            return _torch_fallback().logits_forward(logits, plan, softcap, temperature)
-        return _require().logits_forward(logits, plan.token_idx, plan.targets, plan.seq_offsets,
-                                         _softcap(softcap), float(temperature))
+    # The extension takes (softcap, temperature); the multiplier is folded into them
+    # (LogitTransform.folded), which is exact algebra for every transform.
 
-    def logits_backward(self, logits, plan, softcap, temperature, lse, grad_seq, out):
-        if logits.dtype not in _DTYPES:
-            return _torch_fallback().logits_backward(logits, plan, softcap, temperature, lse, grad_seq, out)
+    # ---- logits path -------------------------------------------------------------------------
+    def logits_forward(self, logits, plan, transform, options):
+        if _needs_torch(logits, plan, options):
+            return _torch_fallback().logits_forward(logits, plan, transform, options)
+        softcap, temperature = transform.folded()
+        seq, lse = _require().logits_forward(logits, plan.token_idx, plan.targets, plan.seq_offsets,
+                                             _softcap(softcap), float(temperature))
+        return LogprobResult(seq, lse)
+
+    def logits_backward(self, logits, plan, transform, lse, grad_seq, out):
+        if _needs_torch(logits, plan):
+            return _torch_fallback().logits_backward(logits, plan, transform, lse, grad_seq, out)
+        softcap, temperature = transform.folded()
         _require().logits_backward(logits, plan.token_idx, plan.targets, plan.seq_id, lse, grad_seq,
                                    _softcap(softcap), float(temperature), out)
 
     # ---- fused-linear path -------------------------------------------------------------------
-    def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
-        if hidden.dtype not in _DTYPES:
-            return _torch_fallback().linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
-        ext = _require()
-        seq, lse = ext.linear_forward(hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets,
-                                      _softcap(softcap), float(temperature), _block_bytes())
-        return seq, (lse if save_lse else None)
+    def linear_forward(self, hidden, weight, bias, plan, transform, options, save_lse):
+        if _needs_torch(hidden, plan, options):
+            return _torch_fallback().linear_forward(hidden, weight, bias, plan, transform, options, save_lse)
+        softcap, temperature = transform.folded()
+        seq, lse = _require().linear_forward(hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets,
+                                             _softcap(softcap), float(temperature), _block_bytes())
+        return LogprobResult(seq, lse if save_lse else None)
 
-    def linear_forward_for_backward(self, hidden, weight, bias, plan, softcap, temperature):
-        if hidden.dtype in _DTYPES and _frozen_head(hidden, weight, bias):
+    def linear_forward_for_backward(self, hidden, weight, bias, plan, transform, options):
+        if not _needs_torch(hidden, plan, options) and _frozen_head(hidden, weight, bias):
             # Only dhidden will be asked for: compute (onehot - softmax) @ W now, while the logits tile is
             # at hand, and let the backward scale it by g (one GEMM fewer in all). The caller keeps it.
+            softcap, temperature = transform.folded()
             seq, lse, dh_unit = _require().linear_forward_frozen(
                 hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_offsets, _softcap(softcap),
                 float(temperature), _block_bytes())
-            return seq, lse, dh_unit
-        return super().linear_forward_for_backward(hidden, weight, bias, plan, softcap, temperature)
+            return LogprobResult(seq, lse), dh_unit
+        return super().linear_forward_for_backward(hidden, weight, bias, plan, transform, options)
 
-    def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0,
-                        extra=None):
-        # Always deterministic and exact: both options are accepted and need nothing.
-        if hidden.dtype not in _DTYPES:
-            return _torch_fallback().linear_backward(hidden, weight, bias, plan, softcap, temperature, lse,
+    def linear_backward(self, hidden, weight, bias, plan, transform, options, lse, grad_seq,
+                        need_hidden, need_weight, need_bias, extra=None):
+        # Always deterministic and exact: options.deterministic and grad_filter_eps need nothing.
+        if _needs_torch(hidden, plan):
+            return _torch_fallback().linear_backward(hidden, weight, bias, plan, transform, options, lse,
                                                      grad_seq, need_hidden, need_weight, need_bias)
         if extra is not None and need_hidden and not need_weight and not (need_bias and bias is not None):
             dh_unit = extra  # (onehot - softmax) @ W from linear_forward_for_backward
@@ -141,6 +154,7 @@ class CpuBackend(Backend):
             g_tok = grad_seq.to(dh_unit.dtype).index_select(0, plan.seq_id)
             dh.index_copy_(0, plan.token_idx, (dh_unit * g_tok[:, None]).to(hidden.dtype))
             return LinearGrads(hidden=dh, weight=None, bias=None)
+        softcap, temperature = transform.folded()
         dh, dw, db = _require().linear_backward(
             hidden, weight, bias, plan.token_idx, plan.targets, plan.seq_id, lse, grad_seq,
             _softcap(softcap), float(temperature), bool(need_hidden), bool(need_weight),
