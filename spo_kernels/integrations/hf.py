@@ -264,9 +264,16 @@ def _logps_fn(targets, transform, backend, token_weights, token_stats, ignore_in
             if not _accepts("fused_linear_sequence_logprobs", "token_weights"):
                 raise NotImplementedError("per-token weights (ld_alpha) need spo_kernels' token_weights support")
             kwargs["token_weights"] = token_weights
+        core_stats = token_stats and _accepts("fused_linear_sequence_logprobs", "token_stats")
+        if core_stats:
+            kwargs["token_stats"] = True
         out = api.fused_linear_sequence_logprobs(h, weight, targets, b, **kwargs)
         result = {"logps": out.logps, "counts": out.counts}
-        if token_stats:
+        stats = getattr(out, "stats", None) if core_stats else None
+        if stats is not None:
+            per_seq = {"entropy": stats.entropy_sum, "mean_logit": stats.mean_logit_sum, "argmax": stats.argmax_hits}
+            result["token_stat_sums"] = _batch_stat_sums(per_seq, out.counts)
+        elif token_stats:
             per_seq = _token_stat_sums_eager(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
                                              targets, transform, ignore_index)
             result["token_stat_sums"] = _batch_stat_sums(per_seq, out.counts)

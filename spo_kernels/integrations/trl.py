@@ -169,7 +169,10 @@ class SPOTrainer(DPOTrainer):
         self._spo_patch(model)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter:
-            out = model(**model_kwargs, labels=labels, spo_logps=True, spo_token_weights=self._ld_weights(labels))
+            # With the policy's kernel options (statistics on), so that a reference equal to the policy gives
+            # the same bits and zero rewards, as TRL's one fused head does.
+            out = model(**model_kwargs, labels=labels, spo_logps=True, spo_token_weights=self._ld_weights(labels),
+                        spo_token_stats=True)
         return out.logps.detach()
 
     @staticmethod
