@@ -147,6 +147,7 @@ def parity_table(out_path):
     import trl
     from trl import DPOConfig, DPOTrainer
 
+    from spo_kernels import resolve_backend
     from spo_kernels.integrations.trl import SPOConfig, SPOTrainer
 
     datasets.disable_progress_bars()
@@ -174,7 +175,7 @@ def parity_table(out_path):
              "logits/rejected, mean_token_accuracy, rewards/chosen, rewards/rejected, rewards/accuracies, "
              "rewards/margins, logps/chosen, logps/rejected). Tolerance of tests/test_integrations_trl.py: 1e-5.",
              "", f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-             f"{platform.machine()} CPU.", "",
+             f"{platform.machine()} CPU, spo_kernels backend `{resolve_backend('cpu')}`.", "",
              "Reproduce: `PYTHONPATH=$PWD python tests/trl_parity.py benchmarks/results/trl-trainer-parity.md`", "",
              "| case | loss | grad_norm | metrics (worst) | result |", "|---|---|---|---|---|"]
     for label, errs, note in rows:
