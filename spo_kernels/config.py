@@ -237,6 +237,11 @@ class PreferenceLossConfig:
         if self.label_smoothing > 0 and not any(lt in SMOOTHED_LOSSES for lt in types):
             raise ValueError(f"label_smoothing={self.label_smoothing} has no effect on loss_type {list(types)}; it "
                              f"applies to {list(SMOOTHED_LOSSES)}")
+        if self.label_smoothing > 0 and "sigmoid" in types and len(types) > 1:
+            # A TRL multi-loss config with e.g. robust would smooth robust only: TRL's sigmoid ignores e.
+            raise ValueError(f"label_smoothing={self.label_smoothing} with 'sigmoid' in a list of loss types is "
+                             "ambiguous: TRL 1.16's sigmoid ignores label_smoothing, ours applies cDPO smoothing; "
+                             "use a single loss type or label_smoothing=0")
         if self.ld_alpha is not None and self.ld_alpha != 1.0:
             # TRL reads the unweighted per-token log-probs for these; the loss step only has the LD-weighted sums.
             if "sft" in types or self.sft_weight > 0:

@@ -253,6 +253,7 @@ def test_reference_needed_unless_reference_free():
     (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("inf")), "f_alpha_divergence_coef"),
     (dict(use_weighting=True, loss_type=["sigmoid", "aot"]), "use_weighting"),
     (dict(label_smoothing=0.1, loss_type="hinge"), "label_smoothing"),
+    (dict(label_smoothing=0.1, loss_type=["sigmoid", "robust"]), "label_smoothing"),
     (dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]), "ld_alpha"),
     (dict(ld_alpha=0.5, sft_weight=0.1), "ld_alpha"),
     (dict(ld_alpha=0.5, use_weighting=True), "ld_alpha"),

@@ -338,7 +338,7 @@ def test_statistics_metrics_with_the_kernel(loss_type):
 
 
 def test_bco_pair_unshifted_by_default():
-    """TRL 1.16: -logsig(u_w) - logsig(-u_l) with no shift (the kernel no longer subtracts a batch mean)."""
+    """TRL 1.16: -logsig(u_w) - logsig(-u_l) with no shift (no batch-mean reward subtracted)."""
     cfg = PreferenceLossConfig(loss_type="bco_pair", beta=0.3)
     L, n, R = make_inputs(5, seed=97)
     R = R - 40.0  # drifted rewards: the batch-mean shift would change the loss by far more than 1e-5
