@@ -146,6 +146,12 @@ def test_plain_dpo_config_is_accepted(tmp_path):
     assert math.isclose(spo_logs[0]["loss"], trl_logs[0]["loss"], rel_tol=TOL)
 
 
+def test_label_smoothing_with_sigmoid_raises(tmp_path):
+    """TRL 1.16's sigmoid ignores label_smoothing; ours would smooth: refused rather than different."""
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tp.train_args(SPOConfig, tmp_path, loss_type="sigmoid", label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("field,value,error", [("spo_lambda", -1.0, ValueError), ("spo_anchor", "nope", ValueError),
                                                ("spo_normalize", "max", ValueError), ("spo_alpha", float("nan"),
                                                                                         ValueError)])

@@ -82,6 +82,10 @@ def spo_loss_config(args) -> PreferenceLossConfig:
     else:
         raise NotImplementedError(f"loss_type={loss_types} with loss_weights={weights}: combined losses are not "
                                   f"supported by this spo_kernels version")
+    if "sigmoid" in loss_types and args.label_smoothing != 0:
+        raise ValueError(f"label_smoothing={args.label_smoothing} with loss_type 'sigmoid': TRL 1.16's sigmoid loss "
+                         f"ignores label_smoothing, spo_kernels' applies cDPO smoothing; set label_smoothing=0.0 "
+                         f"(TRL's numbers) or use loss_type='robust'")
     if args.f_divergence_type != "reverse_kl":
         if "f_divergence_type" not in fields:
             raise NotImplementedError(f"f_divergence_type={args.f_divergence_type!r} is not supported by this "
