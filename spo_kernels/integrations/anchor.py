@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 from ..api import fused_linear_sequence_logprobs
-from .hf import _accepts, _causal_lm, _dtensor_type, _head_leaves, head_transform
+from .hf import _causal_lm, _dtensor_type, _head_leaves, head_transform
 from .hf import shift_labels as _shift
 
 Tensor = torch.Tensor
@@ -35,13 +35,8 @@ def _chosen_logps(decoder, params, head_weight, head_bias, transform, input_ids,
     hidden = out.last_hidden_state
     weight = head_weight.to(hidden.dtype)
     bias = None if head_bias is None else head_bias.to(hidden.dtype)
-    kwargs = dict(softcap=transform.softcap, backend=backend)
-    if _accepts("fused_linear_sequence_logprobs", "logit_multiplier"):
-        kwargs["logit_multiplier"] = transform.multiplier
-    elif transform.multiplier != 1.0:  # s (h W^T + b) = (s h) W^T + s b
-        hidden = hidden * transform.multiplier
-        bias = None if bias is None else bias * transform.multiplier
-    return fused_linear_sequence_logprobs(hidden, weight, targets, bias, **kwargs)
+    return fused_linear_sequence_logprobs(hidden, weight, targets, bias, logit_multiplier=transform.multiplier,
+                                          softcap=transform.softcap, backend=backend)
 
 
 def _data_parallel_world(all_reduce: Optional[bool]) -> int:

@@ -28,7 +28,6 @@ on the head, a quantized or custom head, a DTensor weight inside the forward) ra
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -116,13 +115,8 @@ def ld_token_weights(targets: Tensor, ld_alpha: float, ignore_index: int = -100)
 
 
 # ---------------------------------------------------------------------------------------------
-# what the installed core API accepts
+# calling the LM head module with the fused kernels as its forward
 # ---------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _accepts(fn_name: str, kwarg: str) -> bool:
-    return kwarg in inspect.signature(getattr(api, fn_name)).parameters
-
 
 def _dtensor_type():
     try:
@@ -134,10 +128,6 @@ def _dtensor_type():
             return None
     return DTensor
 
-
-# ---------------------------------------------------------------------------------------------
-# calling the LM head module with the fused kernels as its forward
-# ---------------------------------------------------------------------------------------------
 
 def _head_leaves(head: nn.Module):
     """The ``nn.Linear`` modules whose weight the head's forward may use: the head itself, or a PEFT
@@ -194,33 +184,6 @@ def _call_head(head: nn.Module, hidden: Tensor, fn: Callable[[Tensor, Tensor, Op
 # per-token statistics (metrics)
 # ---------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def _token_stat_sums_eager(hidden, weight, bias, targets, transform: HeadTransform, ignore_index: int,
-                           chunk: int = 1024) -> Dict[str, Tensor]:
-    """Per-sequence sums over completion tokens of entropy, mean logit and target-is-argmax (TRL's
-    ``entropy``, ``logits/*``, ``mean_token_accuracy`` inputs), ``[S]`` float64. Used only when the
-    installed core API cannot return its per-token statistics; tiles of ``chunk`` tokens x V."""
-    mask = targets != ignore_index
-    seq = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[mask]
-    h, y = hidden[mask], targets[mask]
-    sums = {k: torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
-            for k in ("entropy", "mean_logit", "argmax")}
-    for s in range(0, h.shape[0], chunk):
-        z = nn.functional.linear(h[s:s + chunk], weight, bias)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))
-        if transform.multiplier != 1.0:
-            z = z * transform.multiplier
-        if transform.softcap is not None:
-            z = transform.softcap * torch.tanh(z / transform.softcap)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        p = torch.exp(z - lse)
-        idx = seq[s:s + chunk]
-        sums["entropy"].index_add_(0, idx, (lse.squeeze(1) - (p * z).sum(-1)).double())
-        sums["mean_logit"].index_add_(0, idx, z.mean(-1).double())
-        sums["argmax"].index_add_(0, idx, (z.argmax(-1) == y[s:s + chunk]).double())
-    return sums
-
-
 def _batch_stat_sums(per_seq: Dict[str, Tensor], counts: Tensor) -> Dict[str, Tensor]:
     """Batch-level sums that TRL gathers across ranks: entropy over all completion tokens, mean logit of
     chosen / rejected tokens, argmax hits of chosen tokens; with their token counts."""
@@ -245,68 +208,31 @@ def _batch_stat_sums_from_metrics(metrics: Dict[str, Tensor], counts: Tensor) ->
 # the fused computations run as the head's forward
 # ---------------------------------------------------------------------------------------------
 
-def _scaled(transform: HeadTransform, hidden, bias, native: bool):
-    """Apply the multiplier to the inputs when the core API has no ``logit_multiplier`` (exact up to
-    rounding: ``s (h W^T + b) = (s h) W^T + s b``)."""
-    if native or transform.multiplier == 1.0:
-        return hidden, bias
-    return hidden * transform.multiplier, None if bias is None else bias * transform.multiplier
-
-
 def _logps_fn(targets, transform, backend, token_weights, token_stats, ignore_index):
     def run(hidden, weight, bias):
-        native = _accepts("fused_linear_sequence_logprobs", "logit_multiplier")
-        h, b = _scaled(transform, hidden, bias, native)
-        kwargs = dict(softcap=transform.softcap, backend=backend, ignore_index=ignore_index)
-        if native:
-            kwargs["logit_multiplier"] = transform.multiplier
-        if token_weights is not None:
-            if not _accepts("fused_linear_sequence_logprobs", "token_weights"):
-                raise NotImplementedError("per-token weights (ld_alpha) need spo_kernels' token_weights support")
-            kwargs["token_weights"] = token_weights
-        core_stats = token_stats and _accepts("fused_linear_sequence_logprobs", "token_stats")
-        if core_stats:
-            kwargs["token_stats"] = True
-        out = api.fused_linear_sequence_logprobs(h, weight, targets, b, **kwargs)
+        out = api.fused_linear_sequence_logprobs(
+            hidden, weight, targets, bias, ignore_index=ignore_index, logit_multiplier=transform.multiplier,
+            softcap=transform.softcap, backend=backend, token_weights=token_weights, token_stats=token_stats)
         result = {"logps": out.logps, "counts": out.counts}
-        stats = getattr(out, "stats", None) if core_stats else None
-        if stats is not None:
+        if token_stats:
+            stats = out.stats
             per_seq = {"entropy": stats.entropy_sum, "mean_logit": stats.mean_logit_sum, "argmax": stats.argmax_hits}
-            result["token_stat_sums"] = _batch_stat_sums(per_seq, out.counts)
-        elif token_stats:
-            per_seq = _token_stat_sums_eager(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                             targets, transform, ignore_index)
             result["token_stat_sums"] = _batch_stat_sums(per_seq, out.counts)
         return result
     return run
 
 
-def _loss_fn(targets, transform, backend, cfg: PreferenceLossConfig, ref_logps, anchor, token_weights, token_stats,
+def _loss_fn(targets, backend, cfg: PreferenceLossConfig, ref_logps, anchor, token_weights, token_stats,
              bco_delta=None):
     def run(hidden, weight, bias):
-        native = _accepts("fused_linear_preference_loss", "logit_multiplier")
-        h, b = _scaled(transform, hidden, bias, native)
-        kwargs = {}
-        if token_weights is not None:
-            if not _accepts("fused_linear_preference_loss", "token_weights"):
-                raise NotImplementedError("per-token weights (ld_alpha) need spo_kernels' token_weights support")
-            kwargs["token_weights"] = token_weights
-        core_stats = token_stats and _accepts("fused_linear_preference_loss", "token_stats")
-        if core_stats:
-            kwargs["token_stats"] = True
-        out = api.fused_linear_preference_loss(h, weight, targets, b, ref_logps=ref_logps, spo_anchor=anchor,
-                                               config=cfg, backend=backend, bco_delta=bco_delta, **kwargs)
+        out = api.fused_linear_preference_loss(hidden, weight, targets, bias, ref_logps=ref_logps, spo_anchor=anchor,
+                                               config=cfg, backend=backend, bco_delta=bco_delta,
+                                               token_weights=token_weights, token_stats=token_stats)
         result = {"loss": out.loss, "logps": out.policy_logps, "counts": out.counts, "metrics": dict(out.metrics)}
         if out.ref_logps is not None:
             result["ref_logps"] = out.ref_logps
         if token_stats:
-            if core_stats:
-                result["token_stat_sums"] = _batch_stat_sums_from_metrics(out.metrics, out.counts)
-            else:
-                per_seq = _token_stat_sums_eager(hidden.detach(), weight.detach(),
-                                                 None if bias is None else bias.detach(), targets, transform,
-                                                 cfg.ignore_index)
-                result["token_stat_sums"] = _batch_stat_sums(per_seq, out.counts)
+            result["token_stat_sums"] = _batch_stat_sums_from_metrics(out.metrics, out.counts)
         return result
     return run
 
@@ -321,8 +247,7 @@ def _loss_config(cfg: PreferenceLossConfig, transform: HeadTransform) -> Prefere
         raise ValueError(f"spo_loss.logit_multiplier={cfg.logit_multiplier} but the model's is {transform.multiplier}")
     if cfg.temperature != 1.0:
         raise ValueError("spo_loss.temperature must be 1.0 for a Hugging Face model (its logits are not tempered)")
-    native = _accepts("fused_linear_preference_loss", "logit_multiplier")
-    return cfg.replace(softcap=transform.softcap, logit_multiplier=transform.multiplier if native else 1.0)
+    return cfg.replace(softcap=transform.softcap, logit_multiplier=transform.multiplier)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,8 +347,7 @@ def enable_fused_head(model, backend: Optional[str] = None):
                     raise ValueError("pass ld_alpha or spo_token_weights, not both")
                 token_weights = ld_token_weights(targets, cfg.ld_alpha, ignore_index)
                 cfg = cfg.replace(ld_alpha=None)
-            fn = _loss_fn(targets, transform, backend, cfg, spo_ref_logps, spo_anchor, token_weights, spo_token_stats,
-                              spo_bco_delta)
+            fn = _loss_fn(targets, backend, cfg, spo_ref_logps, spo_anchor, token_weights, spo_token_stats, spo_bco_delta)
         else:
             fn = _logps_fn(targets, transform, backend, token_weights, spo_token_stats, ignore_index)
         return _OUTPUT(**_call_head(head, hidden, fn))

@@ -17,7 +17,6 @@ raises when the config is built, never a silently different loss.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from trl.trainer.utils import use_adapter
 
 from ..config import PreferenceLossConfig
 from .anchor import one_step_anchor
-from .hf import _accepts, enable_fused_head, ld_token_weights, shift_labels
+from .hf import enable_fused_head, ld_token_weights, shift_labels
 
 # The TRL versions this module is tested against (the `trl` extra pins the same range).
 TESTED_TRL = ">=1.16.0,<1.17"
@@ -67,40 +66,24 @@ class SPOConfig(DPOConfig):
 def spo_loss_config(args) -> PreferenceLossConfig:
     """The :class:`PreferenceLossConfig` a ``DPOConfig`` / ``SPOConfig`` maps to; raises for an option
     this package does not support (``NotImplementedError``) or a bad value (``ValueError``)."""
-    fields = {f.name for f in dataclasses.fields(PreferenceLossConfig)}
     loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
     weights = args.loss_weights
     options = dict(beta=args.beta, label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
                    spo_lambda=getattr(args, "spo_lambda", 0.0), spo_margin=getattr(args, "spo_margin", 0.0),
                    spo_normalize=getattr(args, "spo_normalize", "mean"),
                    spo_anchor=getattr(args, "spo_anchor", "reference"))
-    if len(loss_types) == 1 and (weights is None or list(weights) == [1.0]):
-        options["loss_type"] = loss_types[0]
-    elif "loss_weights" in fields:
-        options["loss_type"] = loss_types
-        options["loss_weights"] = list(weights) if weights is not None else [1.0] * len(loss_types)
-    else:
-        raise NotImplementedError(f"loss_type={loss_types} with loss_weights={weights}: combined losses are not "
-                                  f"supported by this spo_kernels version")
+    options["loss_type"] = loss_types
+    options["loss_weights"] = None if weights is None else list(weights)
     if "sigmoid" in loss_types and args.label_smoothing != 0:
         raise ValueError(f"label_smoothing={args.label_smoothing} with loss_type 'sigmoid': TRL 1.16's sigmoid loss "
                          f"ignores label_smoothing, spo_kernels' applies cDPO smoothing; set label_smoothing=0.0 "
                          f"(TRL's numbers) or use loss_type='robust'")
     if args.f_divergence_type != "reverse_kl":
-        if "f_divergence_type" not in fields:
-            raise NotImplementedError(f"f_divergence_type={args.f_divergence_type!r} is not supported by this "
-                                      f"spo_kernels version (only 'reverse_kl')")
         options["f_divergence_type"] = args.f_divergence_type
         options["f_alpha_divergence_coef"] = args.f_alpha_divergence_coef
     if args.use_weighting:
-        if not _accepts("fused_linear_preference_loss", "token_stats"):
-            raise NotImplementedError("use_weighting=True (WPO) needs spo_kernels' per-token statistics, which this "
-                                      "version does not have")
         options["use_weighting"] = True
     if args.ld_alpha is not None:
-        if not _accepts("fused_linear_preference_loss", "token_weights"):
-            raise NotImplementedError("ld_alpha (LD-DPO) needs spo_kernels' token_weights, which this version "
-                                      "does not have")
         options["ld_alpha"] = args.ld_alpha
     alpha = getattr(args, "spo_alpha", None)
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))

@@ -143,5 +143,9 @@ if __name__ == "__main__":
     ok = info.get("tp_head", "TypeError") == "TypeError" and info.get("anchor_err", 0.0) < TOL and info["loss_err"] < TOL and info["grad_err"] < TOL and info["param_err_after_step"] < TOL and info["ranks_in_sync"]
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(info), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
-    sys.exit(0 if ok else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: gloo's background threads can abort the process while it is destroyed.
+    os._exit(0 if ok else 1)
