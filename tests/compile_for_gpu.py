@@ -254,14 +254,42 @@ def record_test_shapes() -> None:
         hidden, weight, bias = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(V, dtype=dt)
         lse = _meta(Nc)
         for b, softcap, temp in ((None, None, 1.0), (bias, 30.0, 0.7)):
-            LF.linear_forward(hidden, weight, b, plan, transform=LogitTransform(softcap=softcap, temperature=temp), options=KernelOptions(), save_lse=True)
-            LF.linear_forward(hidden, weight, b, plan, transform=LogitTransform(softcap=softcap, temperature=temp), options=KernelOptions(), save_lse=False)
+            LF.linear_forward(hidden, weight, b, plan, transform=LogitTransform(softcap=softcap, temperature=temp),
+                              options=KernelOptions(), save_lse=True)
+            LF.linear_forward(hidden, weight, b, plan, transform=LogitTransform(softcap=softcap, temperature=temp),
+                              options=KernelOptions(), save_lse=False)
             for over in ({}, {"reuse_outputs": False}, {"outer": "token"}, {"scratch_bytes": Nc * 2 * 256}):
                 _set_linear_overrides({"scratch_bytes": 2**20, **over})
                 for eps in (0.0, 1e-6):
-                    LB.linear_backward(hidden, weight, b, plan, transform=LogitTransform(softcap=softcap, temperature=temp), options=KernelOptions(grad_filter_eps=eps), lse=lse, grad_seq=grad_seq, need_hidden=True, need_weight=True, need_bias=b is not None)
-                LB.linear_backward(hidden, weight, b, plan, transform=LogitTransform(softcap=softcap, temperature=temp), options=KernelOptions(), lse=lse, grad_seq=grad_seq, need_hidden=True, need_weight=False, need_bias=False)
+                    LB.linear_backward(hidden, weight, b, plan,
+                                       transform=LogitTransform(softcap=softcap, temperature=temp),
+                                       options=KernelOptions(grad_filter_eps=eps), lse=lse, grad_seq=grad_seq,
+                                       need_hidden=True, need_weight=True, need_bias=b is not None)
+                LB.linear_backward(hidden, weight, b, plan,
+                                   transform=LogitTransform(softcap=softcap, temperature=temp),
+                                   options=KernelOptions(), lse=lse, grad_seq=grad_seq, need_hidden=True,
+                                   need_weight=False, need_bias=False)
             _set_linear_overrides({})
+
+    # Token weights and the per-token statistics (SPEC 8): the weighted sums and gradients and the STATS
+    # forwards of both paths, every dtype, with and without bias / softcap.
+    weights = torch.rand(labels.shape, generator=g)
+    wplan = _meta_plan(build_plan(labels, V, -100, labels.shape, torch.device("cpu"), pairs=False,
+                                  token_weights=weights))
+    stats = KernelOptions(token_stats=True)
+    for dt in dtypes:
+        hidden, weight, bias = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(V, dtype=dt)
+        for b, tf in ((None, LogitTransform()), (bias, LogitTransform(multiplier=0.5, softcap=30.0, temperature=0.7))):
+            LF.linear_forward(hidden, weight, b, wplan, transform=tf, options=stats, save_lse=True)
+            LB.linear_backward(hidden, weight, b, wplan, transform=tf, options=KernelOptions(), lse=_meta(Nc),
+                               grad_seq=grad_seq, need_hidden=True, need_weight=True, need_bias=b is not None)
+    for dt in dtypes + [torch.float64]:
+        acc = torch.promote_types(dt, torch.float32)
+        logits = _meta(N, V, dtype=dt)
+        for tf in (LogitTransform(), LogitTransform(multiplier=0.5, softcap=30.0, temperature=0.7)):
+            LG.logits_forward(logits, wplan, transform=tf, options=stats)
+            LG.logits_backward(logits, wplan, transform=tf, lse=_meta(Nc, dtype=acc), grad_seq=grad_seq.to(acc),
+                               out=torch.empty_like(logits))
 
     # logits path: dtypes (float64 too), transforms, strided rows and columns.
     for dt in dtypes + [torch.float64]:
@@ -269,8 +297,10 @@ def record_test_shapes() -> None:
         logits = _meta(N, V, dtype=dt)
         for softcap, temp in ((None, 1.0), (30.0, 0.7)):
             for x in (logits, _meta(N, V + 8, dtype=dt)[:, :V], _meta(V, N, dtype=dt).t()):
-                LG.logits_forward(x, plan, transform=LogitTransform(softcap=softcap, temperature=temp), options=KernelOptions())
-                LG.logits_backward(x, plan, transform=LogitTransform(softcap=softcap, temperature=temp), lse=_meta(Nc, dtype=acc), grad_seq=grad_seq.to(acc), out=torch.empty_like(logits))
+                LG.logits_forward(x, plan, transform=LogitTransform(softcap=softcap, temperature=temp),
+                                  options=KernelOptions())
+                LG.logits_backward(x, plan, transform=LogitTransform(softcap=softcap, temperature=temp),
+                                   lse=_meta(Nc, dtype=acc), grad_seq=grad_seq.to(acc), out=torch.empty_like(logits))
 
     # loss step: every loss type with the reference and SPO on, fp32; a few without / in float64.
     counts = _meta(S, dtype=torch.int64)
@@ -302,11 +332,17 @@ def record_g1() -> None:
     N, S = plan.num_rows, plan.num_seqs
     bf16 = torch.bfloat16
     hidden, weight = _meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16)
-    _, lse, _ = LF.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)  # policy
-    LF.linear_forward(_meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16), None, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=False)  # reference
+    _, lse, _ = LF.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(),
+                                  save_lse=True)  # policy
+    LF.linear_forward(_meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16), None, plan,
+                      transform=LogitTransform(), options=KernelOptions(), save_lse=False)  # reference
     grad_seq = _meta(S)
-    LB.linear_backward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=grad_seq, need_hidden=True, need_weight=True, need_bias=False)  # trainable
-    LB.linear_backward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=grad_seq, need_hidden=True, need_weight=False, need_bias=False)  # frozen head
+    LB.linear_backward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse,
+                       grad_seq=grad_seq, need_hidden=True, need_weight=True, need_bias=False)  # trainable
+    LB.linear_backward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse,
+                       grad_seq=grad_seq, need_hidden=True, need_weight=False, need_bias=False)  # frozen head
+    LF.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(token_stats=True),
+                      save_lse=True)  # policy with the per-token statistics
     cfg = PreferenceLossConfig(loss_type="sigmoid", spo_lambda=1.0)  # DPO + SPO, reference anchor
     LS.loss_step(_meta(S, dtype=torch.float64), plan.counts, _meta(S), cfg, anchor=_meta(S // 2))
 
@@ -319,6 +355,7 @@ def record_g2() -> None:
     logits = _meta(plan.num_rows, G_VOCAB, dtype=torch.bfloat16)
     _, lse, _ = LG.logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
     LG.logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=_meta(plan.num_seqs), out=logits)
+    LG.logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions(token_stats=True))  # statistics
 
 
 RECORDERS = {"test": record_test_shapes, "G1": record_g1, "G2": record_g2}

@@ -200,7 +200,8 @@ def test_offsets_past_int32():
     assert_rel(lse, lse64, 1e-5, "lse")
 
     grad_seq = torch.tensor([0.7, -1.3], device=DEV)
-    logits_backward(flat, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq, out=flat)  # in place, 4.5 GB buffer
+    logits_backward(flat, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq,
+                    out=flat)  # in place, 4.5 GB buffer
     # reference needs the original logits: regenerate them (same generator, same order)
     g = torch.Generator(device=DEV).manual_seed(2)
     orig = torch.randn(S, T, V, generator=g, device=DEV, dtype=torch.bfloat16)

@@ -242,12 +242,15 @@ def test_case5_long_completions_meet_the_loss_tolerance(backend):
         from spo_kernels.backends import get_backend
         from spo_kernels.layout import build_plan as plan_of
         plan = plan_of(labels, logits.shape[-1], -100, labels.shape, labels.device)
-        seq, _, _ = get_backend(backend).logits_forward(logits.reshape(-1, logits.shape[-1]), plan, transform=LogitTransform(), options=KernelOptions())
+        seq, _, _ = get_backend(backend).logits_forward(logits.reshape(-1, logits.shape[-1]), plan,
+                                                        transform=LogitTransform(), options=KernelOptions())
         assert seq.dtype == torch.float64
         assert bool(((seq - L64).abs() <= 4 * floor_sd).all()), ((seq - L64).tolist(), floor_sd.tolist())
         b = make_batch(P=2, T=600, H=16, V=64, seed=11)
         hplan = plan_of(b.labels, 64, -100, b.labels.shape, b.labels.device)
-        hseq, _, _ = get_backend(backend).linear_forward(b.hidden.reshape(-1, 16), b.weight, b.bias, hplan, transform=LogitTransform(), options=KernelOptions(), save_lse=False)
+        hseq, _, _ = get_backend(backend).linear_forward(b.hidden.reshape(-1, 16), b.weight, b.bias, hplan,
+                                                         transform=LogitTransform(), options=KernelOptions(),
+                                                         save_lse=False)
         assert hseq.dtype == torch.float64
 
 
@@ -304,7 +307,8 @@ def test_case5_triton_segment_sums_are_float64(monkeypatch):
 
     monkeypatch.setattr(LL, "_empty", spy_empty)
     monkeypatch.setattr(LL, "_forward_partials_kernel", _FakeLaunch(fill_partials))
-    seq, _, _ = LL.linear_forward(torch.zeros(N, 8), torch.zeros(16, 8), None, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=False)
+    seq, _, _ = LL.linear_forward(torch.zeros(N, 8), torch.zeros(16, 8), None, plan, transform=LogitTransform(),
+                                  options=KernelOptions(), save_lse=False)
     assert parts["p"].shape[1] >= 1
     assert seq.dtype == torch.float64
     torch.testing.assert_close(seq, want, rtol=1e-13, atol=0)

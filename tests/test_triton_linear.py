@@ -252,11 +252,13 @@ def test_forward_returns_lse(monkeypatch):
     case = make_case(seed=2)
     plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
     h2 = case["hidden"].reshape(-1, 80)
-    seq, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
+    seq, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                                    options=KernelOptions(), save_lse=True)
     z = h2[plan.token_idx].double() @ case["weight"].double().t() + case["bias"].double()
     assert lse.dtype == torch.float32 and lse.shape == (plan.num_tokens,)
     assert rel_err(lse, torch.logsumexp(z, 1)) <= 1e-6
-    seq2, none, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(), options=KernelOptions(), save_lse=False)
+    seq2, none, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                                      options=KernelOptions(), save_lse=False)
     assert none is None and torch.equal(seq, seq2)
 
 
@@ -345,8 +347,11 @@ def test_frozen_head_skips_dw(monkeypatch):
     # The op itself: need_weight False returns None.
     plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
     h2 = case["hidden"].reshape(-1, 80)
-    _, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
-    g = LL.linear_backward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=torch.ones(4), need_hidden=True, need_weight=False, need_bias=False)
+    _, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                                  options=KernelOptions(), save_lse=True)
+    g = LL.linear_backward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                           options=KernelOptions(), lse=lse, grad_seq=torch.ones(4), need_hidden=True,
+                           need_weight=False, need_bias=False)
     assert g.weight is None and g.bias is None and g.hidden is not None
 
 
@@ -432,7 +437,8 @@ def test_bad_config_is_rejected(monkeypatch):
 def _op_grads(case, grad_seq, eps, **kw):
     plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
     h2 = case["hidden"].reshape(-1, 80)
-    _, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
+    _, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                                  options=KernelOptions(), save_lse=True)
     return LL.linear_backward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
                               options=KernelOptions(grad_filter_eps=eps, **kw), lse=lse, grad_seq=grad_seq,
                               need_hidden=True, need_weight=True, need_bias=case["bias"] is not None)
@@ -559,7 +565,9 @@ def test_reused_outputs_filter_and_determinism(monkeypatch):
     grad_seq = torch.tensor([0.3, -0.2, 0.5, -0.1])
 
     def bwd(eps):
-        return LL.linear_backward(h2, w, b, plan, transform=LogitTransform(), options=KernelOptions(grad_filter_eps=eps), lse=lse, grad_seq=grad_seq, need_hidden=True, need_weight=True, need_bias=True)
+        return LL.linear_backward(h2, w, b, plan, transform=LogitTransform(),
+                                  options=KernelOptions(grad_filter_eps=eps), lse=lse, grad_seq=grad_seq,
+                                  need_hidden=True, need_weight=True, need_bias=True)
 
     exact, again = bwd(0.0), bwd(0.0)
     for a, c in zip(exact, again):
@@ -588,7 +596,8 @@ def test_backward_allocations_match_plan(monkeypatch):
         return t
 
     monkeypatch.setattr(LL, "_empty", recording_empty)
-    LL.linear_backward(h2, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse, grad_seq=torch.ones(4), need_hidden=True, need_weight=True, need_bias=True)
+    LL.linear_backward(h2, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse,
+                       grad_seq=torch.ones(4), need_hidden=True, need_weight=True, need_bias=True)
     grads = h2.numel() * 2 + w.numel() * 2 + b.numel() * 2
     assert sum(sizes) == grads + bp.total_extra_bytes
 

@@ -260,13 +260,16 @@ def test_strided_logits():
     col_strided = logits.t().contiguous().t()
     assert col_strided.stride() == (1, N)
     for view in (row_strided, col_strided):
-        seq, lse, _ = kmod.logits_forward(view, plan, transform=LogitTransform(temperature=0.9), options=KernelOptions())
+        seq, lse, _ = kmod.logits_forward(view, plan, transform=LogitTransform(temperature=0.9),
+                                          options=KernelOptions())
         assert_logps(seq, ref_logps)
         out = torch.full_like(view, float("nan"))  # keeps view's strides
-        kmod.logits_backward(view, plan, transform=LogitTransform(temperature=0.9), lse=lse, grad_seq=w.float(), out=out)
+        kmod.logits_backward(view, plan, transform=LogitTransform(temperature=0.9), lse=lse, grad_seq=w.float(),
+                             out=out)
         assert rel_norm(out, ref_grad) <= 1e-4
     # in place into the strided buffer itself; the padding columns of `wide` stay untouched
-    kmod.logits_backward(row_strided, plan, transform=LogitTransform(temperature=0.9), lse=lse, grad_seq=w.float(), out=row_strided)
+    kmod.logits_backward(row_strided, plan, transform=LogitTransform(temperature=0.9), lse=lse, grad_seq=w.float(),
+                         out=row_strided)
     assert rel_norm(row_strided, ref_grad) <= 1e-4
     assert bool((wide[:, V:] == 1e4).all())
 
@@ -348,7 +351,8 @@ def test_forward_prefetch_and_plain_loop(monkeypatch, V, dtype):
     for prefetch in (1, 0):
         monkeypatch.setattr(kmod, "CONFIG_OVERRIDES", {"logits_fwd": {"prefetch": prefetch}})
         assert kmod.launch_params("logits_fwd", dtype, V, logits.device)["prefetch"] == prefetch
-        seq, lse, _ = kmod.logits_forward(logits, plan, transform=LogitTransform(softcap=5.0, temperature=0.8), options=KernelOptions())
+        seq, lse, _ = kmod.logits_forward(logits, plan, transform=LogitTransform(softcap=5.0, temperature=0.8),
+                                          options=KernelOptions())
         assert_logps(seq, ref_logps)
         if ref_lse is None:
             z = 5.0 * torch.tanh(logits.double()[plan.token_idx] / 5.0) / 0.8

@@ -249,6 +249,7 @@ class Tuner:
                 self.sync()
                 rec["first_call_s"] = round(time.perf_counter() - t, 3)  # includes the compile
                 outs = out if isinstance(out, (tuple, list)) else (out,)
+                outs = [o for o in outs if o is not None]  # a LogprobResult without statistics
                 if is_default:
                     ref = [o.clone() for o in outs]
                     err = max(_rel_err(o, o) for o in outs)  # NaN / inf in the default itself
@@ -340,7 +341,8 @@ class Tuner:
         grad_seq = torch.randn(S, device=self.device, generator=torch.Generator(device=self.device).manual_seed(2))
         info = {"Nc": Nc, "H": H}
         cfg0 = self.linear_cfg(Nc=Nc, H=H)
-        _, lse, _ = LL.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
+        _, lse, _ = LL.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(),
+                                      save_lse=True)
         # One block of the backward's own plan: all tokens x the first vocabulary range.
         bp = LL.plan_backward(N, Nc, V, H, self.dtype, self.dtype, None, True, True, False, cfg0, False,
                               LL._num_sms(self.device))
@@ -365,7 +367,8 @@ class Tuner:
 
             def run():
                 LL.CONFIG_OVERRIDES = over
-                return LL.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
+                return LL.linear_forward(hidden, weight, None, plan, transform=LogitTransform(),
+                                         options=KernelOptions(), save_lse=True)
             return run
 
         def make_dz(params):
@@ -420,7 +423,8 @@ class Tuner:
                 else:
                     def run():
                         LG.CONFIG_OVERRIDES = over
-                        LG.logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq, out=out)
+                        LG.logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq,
+                                           out=out)
                         return out
                 return run
             return maker

@@ -41,17 +41,10 @@ may return ``None`` for the LSEs, and its ``loss_step`` returns a differentiable
 
 from __future__ import annotations
 
+
 from ..kernels.types import (DEFAULT_OPTIONS, IDENTITY, KernelOptions, LinearGrads,  # noqa: F401  (re-exported)
                              LogitTransform, LogprobResult, TokenStats)
 from ..losses import preference_loss_step
-
-
-def shared_loss_step(policy_logps, counts, ref_logps, cfg, anchor=None, bco_delta=None, seq_stats=None):
-    """:func:`spo_kernels.losses.preference_loss_step`, given ``seq_stats`` by keyword only when there are
-    statistics (so a loss helper without that parameter keeps working for every call without them)."""
-    if seq_stats is None:
-        return preference_loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
-    return preference_loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta, seq_stats=seq_stats)
 
 
 class Backend:
@@ -63,7 +56,7 @@ class Backend:
     autograd = False
 
     def loss_step(self, policy_logps, counts, ref_logps, cfg, anchor=None, bco_delta=None, seq_stats=None):
-        return shared_loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta, seq_stats)
+        return preference_loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta, seq_stats=seq_stats)
 
     def logits_forward(self, logits, plan, transform: LogitTransform, options: KernelOptions) -> LogprobResult:
         raise NotImplementedError(f"backend {self.name!r} has no logits path")

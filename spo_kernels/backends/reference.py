@@ -38,9 +38,9 @@ class ReferenceBackend(Backend):
     autograd = True
 
     def loss_step(self, policy_logps, counts, ref_logps, cfg, anchor=None, bco_delta=None, seq_stats=None):
-        # seq_stats: the reference loss reads no statistics yet (its metrics are the base ones).
-        loss = ref_impl.reference_pair_loss(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
-        metrics = ref_impl.reference_metrics(policy_logps, counts, ref_logps, cfg, anchor)
+        loss = ref_impl.reference_pair_loss(policy_logps, counts, ref_logps, cfg, anchor, bco_delta,
+                                            seq_stats=seq_stats)
+        metrics = ref_impl.reference_metrics(policy_logps, counts, ref_logps, cfg, anchor, seq_stats=seq_stats)
         return LossStep(loss=loss, grad=None, metrics=metrics)
 
     def logits_forward(self, logits, plan, transform, options):

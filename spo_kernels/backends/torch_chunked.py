@@ -4,6 +4,9 @@ Never holds more than one chunk of ``[rows, V]`` logits (about ``$SPO_KERNELS_CH
 default 32), skips ignored tokens entirely, and uses the closed-form gradient
 ``g_s * (onehot(y) - softmax(z))`` instead of an autograd graph over the vocabulary. dW and db are
 accumulated in fp32; with a 16-bit head every GEMM runs in fp32 on one upcast vocab block at a time.
+The logit multiplier is folded into softcap and temperature (``LogitTransform.folded``); token weights
+scale the float64 sums and the per-token ``g``; the per-token statistics (``options.token_stats``) come
+from each chunk's own ``exp(z - max)``.
 """
 
 from __future__ import annotations

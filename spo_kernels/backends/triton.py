@@ -18,10 +18,8 @@ class TritonBackend(Backend):
     name = "triton"
 
     def loss_step(self, policy_logps, counts, ref_logps, cfg, anchor=None, bco_delta=None, seq_stats=None):
-        if seq_stats is not None:  # the statistics' metrics and WPO's weights: the shared (torch) loss step
-            return super().loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta, seq_stats)
-        from ..kernels.loss_step import loss_step
-        return loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
+        from ..kernels.loss_step import loss_step  # falls back to the torch step where the kernel has no case
+        return loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta, seq_stats=seq_stats)
 
     def logits_forward(self, logits, plan, transform, options):
         from ..kernels.logits_logprobs import logits_forward
