@@ -99,7 +99,11 @@ def _extension_setup():
         def get_outputs(self):
             return super().get_outputs() if self.extensions else []
 
-    flags = ["-O3", "-g0", "-fopenmp"] if sys.platform.startswith("linux") else ["-O3", "-g0"]
+    # -fno-trapping-math: lets GCC vectorize the row kernels' selects on SSE2 / AVX2 (csrc/row_kernels.h);
+    # nothing reads floating-point exception flags.
+    flags = ["-O3", "-g0", "-fno-trapping-math"]
+    if sys.platform.startswith("linux"):
+        flags.append("-fopenmp")
     ext = CppExtension(
         EXT_NAME,
         SOURCES,

@@ -3,7 +3,10 @@
 // This header is compiled several times, once per instruction set (row_kernels_*.cpp set the
 // target and SPO_ISA, the namespace), and isa.cpp picks the best table at run time. The hot
 // loops are written for the auto-vectorizer (`#pragma omp simd`, branch-free bodies, an exp built
-// from arithmetic and bit operations), so the same source becomes SSE2, AVX2 or AVX-512 code.
+// from arithmetic and bit operations), so the same source becomes SSE2, AVX2 or AVX-512 code. Built
+// with -fno-trapping-math (setup.py): without masked execution (SSE2, AVX2) GCC's default
+// -ftrapping-math keeps it from if-converting fexp's selects once inlined, and those loops stay
+// scalar (4-8x slower). The kernels never read floating-point exception flags; results are the same.
 //
 // Row layout: row i of a call is at `base + (rows ? rows[i] : i) * stride` (elements) and has n
 // columns, which are columns [col0, col0 + n) of the full vocabulary. Accumulator type A is double
@@ -207,7 +210,7 @@ void lse_rows_impl(const void* base_, const int64_t* rows, int64_t stride, int64
         // One pass for all the sums; when this chunk raised the max, also the first column holding it
         // (earlier chunks' ties keep theirs).
         A cu = 0, cq = 0, cz = 0;
-        int64_t first = len;
+        int32_t first = int32_t(len);  // 32-bit (len <= kChunk): SSE2 has no 64-bit min / compare
         if (new_max) {
 #pragma omp simd reduction(+ : cs, cu, cq, cz) reduction(min : first)
           for (int64_t j = 0; j < len; ++j) {
@@ -217,7 +220,7 @@ void lse_rows_impl(const void* base_, const int64_t* rows, int64_t stride, int64
             cu += e > 0 ? e * d : A(0);  // a -inf logit has e = 0 and adds 0, not 0 * -inf
             cq += e * e;
             cz += buf[j];
-            first = (buf[j] == mi && j < first) ? j : first;
+            first = (buf[j] == mi && int32_t(j) < first) ? int32_t(j) : first;
           }
           ai = col0 + c0 + first;
         } else {

@@ -56,11 +56,12 @@ def _lse_and_target(z: torch.Tensor, targets: torch.Tensor, want_stats: bool = F
     mean_logit = z.mean(dim=1)
     # The first maximum, as torch.argmax and TRL's is_top1: a tie with an earlier token does not count.
     is_argmax = (z.argmax(dim=1) == targets).to(z.dtype)
-    e = z.sub_(m).exp_()
+    # d = z - m in place; a -inf logit becomes the lowest finite value, so that e d is 0, not 0 * -inf.
+    d = z.sub_(m).clamp_(min=torch.finfo(z.dtype).min)
+    e = torch.exp(d)
     log_s = e.sum(dim=1).log_()
-    # sum_v e_v (z_v - m) = sum_v e_v log e_v; xlogy keeps e = 0 (a -inf logit) at 0 instead of 0 * -inf.
-    u = torch.special.xlogy(e, e).sum(dim=1)
-    q = torch.einsum("ij,ij->i", e, e)
+    u = torch.linalg.vecdot(e, d)  # sum_v e_v (z_v - m)
+    q = torch.linalg.vecdot(e, e)
     stats = TokenStats(entropy=log_s - u / log_s.exp(), log_sum_p2=q.log() - 2 * log_s,
                        mean_logit=mean_logit, is_argmax=is_argmax)
     return log_s + m.squeeze(1), target, stats

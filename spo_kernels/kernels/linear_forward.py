@@ -133,28 +133,24 @@ def _forward_partials_kernel(
         # Online log-sum-exp: every tile holds at least one lane < V, so m_new is finite.
         m_new = tl.maximum(m, tl.max(z, axis=1))
         if STATS:
-            # Every reduction of z itself first, so that only d = z - m_new and e = exp(d) are live tiles
-            # after it (G1's 128 x 128 tile spills with three).
-            tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-            max_before = tl.maximum(max_before, tl.max(tl.where(cols[None, :] < tgt[:, None], z, float("-inf")),
-                                                       axis=1))
-            # Lanes past V: z = -inf, so d = -inf and e = 0; dm (d, 0 there) keeps 0 * -inf out of u.
-            dm = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-            e = tl.exp(z - m_new[:, None])
             alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new[:, None])
             # The old sums moved to the new max: u <- alpha (u + (m - m_new) s). Before the first tile m = -inf
-            # and s = 0: m_new stands in for m there, so no -inf * 0 is formed.
+            # and s = 0: m_new stands in for m there, so no -inf * 0 is formed. Lanes past V: e = 0, z = -inf,
+            # and zc = 0 keeps 0 * -inf out of u.
             shift = (tl.where(s > 0.0, m, m_new) - m_new) * s
-            u = alpha * (u + shift) + tl.sum(e * dm, axis=1)
+            zc = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+            u = alpha * (u + shift) + tl.sum(e * zc, axis=1)
             q = q * alpha * alpha + tl.sum(e * e, axis=1)
-            # sum z over the valid columns, from the deviations: sum dm + (valid columns) m_new.
-            z_sum += tl.sum(dm, axis=1) + tl.minimum(V - vt * BLOCK_V, BLOCK_V).to(tl.float32) * m_new
+            z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+            before = cols[None, :] < tgt[:, None]
+            max_before = tl.maximum(max_before, tl.max(tl.where(before, z, float("-inf")), axis=1))
             s = s * alpha + tl.sum(e, axis=1)
         else:
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-            # The target logit, from the tile that holds column y (exactly one tile over all splits).
-            tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
+        # The target logit, from the tile that holds column y (exactly one tile over all splits).
+        tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     out = split.to(tl.int64) * num_tokens + rows
     tl.store(part_max_ptr + out, m, mask=row_mask)
     tl.store(part_sum_ptr + out, s, mask=row_mask)
@@ -292,6 +288,11 @@ def linear_forward(hidden, weight, bias, plan, transform: LogitTransform, option
         return LogprobResult(torch.zeros(S, dtype=torch.float64, device=device), lse)
     cfg = kernel_config(hidden.dtype, device=device, Nc=Nc, H=H)
     fwd = cfg.launch("linear_fwd")
+    want_stats = bool(options.token_stats)
+    if want_stats and fwd["BLOCK_V"] >= 128:
+        # The statistics keep two more tiles live (exp(z - m) and z - m): at 128 x 128 with 8 warps they
+        # spill on sm_90 (compile_for_gpu, G1), so their variant takes half the vocabulary per tile.
+        fwd = dict(fwd, BLOCK_V=fwd["BLOCK_V"] // 2)
     num_tb = triton.cdiv(Nc, fwd["BLOCK_N"])
     num_vt = triton.cdiv(V, fwd["BLOCK_V"])
     sms = TH.num_sms(device)
@@ -300,7 +301,6 @@ def linear_forward(hidden, weight, bias, plan, transform: LogitTransform, option
     tiles_per_split = triton.cdiv(num_vt, splits)
     splits = triton.cdiv(num_vt, tiles_per_split)  # no empty split
     group = max(1, sms // splits)
-    want_stats = bool(options.token_stats)
     # Partials: (max, sum, target) and, with statistics, (u, q, logit sum, max before the target).
     parts = TH.empty((7 if want_stats else 3, splits, Nc), torch.float32, device)
     lse = TH.empty((Nc,), torch.float32, device) if save_lse else parts
