@@ -2,15 +2,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test bench reproduce clean
 
 $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	# torch first, pinned, from the CPU index (PyPI's Linux wheel pulls the CUDA libraries); TORCH_INDEX= for PyPI's.
-	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	# torch first, pinned: on this project's CPU machines the CPU wheel (an unpinned torch, asked for directly
+	# or by another package, pulls several GB of CUDA packages). Elsewhere: README, "Install".
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
