@@ -45,6 +45,8 @@ def test_parallel_equals_single_process(mode):
         assert info["anchor_err"] < 1e-5, info  # the one-step anchor's SFT step spans the global batch
     if mode == "fsdp_head":
         assert info["tp_head"] == "TypeError", info  # a tensor-parallel (DTensor) head raises
+        # The FSDP2-sharded head passed to the public API outside its forward: a TypeError before any kernel.
+        assert info["dtensor_outside_forward"] == "TypeError", info
 
 
 def test_spo_trainer_under_ddp_logs_trls_numbers():
