@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from spo_kernels import fused_linear_sequence_logprobs
+from spo_kernels.integrations.anchor import one_step_anchor
 
 from . import distributed
 from .checkpoint import (CHECKPOINT_DIR, FINAL_DIR, METRICS_FILE, keep_metrics_up_to, load_checkpoint,
@@ -42,7 +43,7 @@ from .config import TrainConfig
 from .data import (PackedPreferenceBatch, TokenizedPair, collate_packed, collate_pairs, completion_targets,
                    load_preference_jsonl, tokenize_pair)
 from .modeling import (BuiltinModelSize, PolicyWithLoss, SequenceLogps, build_builtin_model, final_hidden,
-                       lm_head, load_model, one_step_anchor)
+                       lm_head, load_model)
 from .tokenizer import CharTokenizer, load_tokenizer
 
 PLOT_FILE = "logps.png"
