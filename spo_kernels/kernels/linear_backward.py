@@ -15,7 +15,8 @@ stream ``dz`` through a bounded scratch:
     for each block (token chunk x vocabulary range) of the [Nc, V] plane, in order:
         _grad_logits_kernel : recompute the logit tiles (2 n_tok n_v H), write dz [n_tok, n_v] in the
                               input dtype (what a tensor-core dot consumes anyway) to the scratch,
-                              plus per-tile column sums of fp32 dz for the bias;
+                              plus per-tile column sums of fp32 dz for the bias; fp16: dz * 2^e, with
+                              2^-e applied by both GEMMs (fp16 scaling below);
         _dw_gemm_kernel     : dW[range]  (+)= dz^T h[chunk]   (2 n_tok n_v H), fp32 accumulator in registers;
         _dh_gemm_kernel     : dh[chunk]  (+)= dz W[range]     (2 n_tok n_v H), fp32 accumulator in registers;
         _bias_reduce_kernel : db[range]  (+)= column sums, token blocks in order.
@@ -33,6 +34,11 @@ the phase-2 recompute above. Extra global traffic over the three matmuls: dz wri
 (``6 Nc V`` bytes in bf16) and one read-modify-write of the accumulator per range. Every reduction runs
 in a fixed order with no atomics, so **results are bitwise reproducible in every mode**;
 ``deterministic=True`` is accepted and selects the same code.
+
+fp16 scaling (SPEC 7): an fp16 scratch would flush ``|dz| < 3e-8`` to zero (a small upstream gradient
+times a small softmax entry). ``_fp16_dz_scale`` bounds ``|dz|`` by ``max|g| max|w| |inv_temp|`` on the
+device and picks ``2^e`` bringing that bound to ``2^14``; the dz kernel stores ``dz 2^e`` and the GEMMs
+multiply their fp32 block sums by ``2^-e`` (exact). bf16 / fp32 launch without it (``SCALE_DZ`` off).
 
 Gradient filter (``grad_filter_eps > 0``, opt-in, approximate): the dz kernel flags a tile when
 ``|g (onehot - softmax)| < eps`` on all its entries, zeroes it, and both GEMMs skip flagged tiles (their
