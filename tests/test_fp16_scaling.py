@@ -158,6 +158,8 @@ def test_scale_extremes():
     assert zero == [2.0 ** 100, 2.0 ** -100]  # nothing to scale: the largest scale, still finite
     inf = LB._fp16_dz_scale(torch.tensor([1.0, float("inf")]), None, 1.0).tolist()
     assert inf == [2.0 ** -100, 2.0 ** 100]  # inf stays inf: the smallest scale
+    undefined = LB._fp16_dz_scale(torch.tensor([float("inf")]), torch.zeros(2), 1.0).tolist()
+    assert undefined == [1.0, 1.0]  # bound inf * 0 = NaN: no scaling rather than a garbage bit pattern
 
 
 def test_only_fp16_launches_with_scaling():

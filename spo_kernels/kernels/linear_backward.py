@@ -289,7 +289,8 @@ def _fp16_dz_scale(grad_seq, token_weights, inv_temp):
     softmax| <= 1``, ``0 <= 1 - tanh^2 <= 1``; ``inv_temp`` has the multiplier folded in), so
     ``e = 14 - ceil(log2(bound))`` keeps every stored entry within 2^14 while moving small ones up out of
     fp16's subnormal range. NaN entries of ``grad_seq`` / ``token_weights`` are left out of the bound (they
-    still turn their own dz into NaN); a zero bound gives the largest scale, an infinite one the smallest.
+    still turn their own dz into NaN); a zero bound gives the largest scale, an infinite one the smallest,
+    ``inf * 0`` the scale 1.
 
     Args:
         grad_seq: ``[S]`` fp32. token_weights: ``[Nc]`` fp32 or None. inv_temp: Python float.
@@ -302,6 +303,7 @@ def _fp16_dz_scale(grad_seq, token_weights, inv_temp):
     if token_weights is not None:
         bound = bound * finite_max(token_weights)
     exp = (_DZ_SCALE_TARGET_EXP - torch.ceil(torch.log2(bound))).clamp(-_DZ_SCALE_MAX_EXP, _DZ_SCALE_MAX_EXP)
+    exp = torch.nan_to_num(exp, nan=0.0)  # bound = inf * 0 (an infinite g, zero weights): scale 1
     exp = torch.stack([exp, -exp]).to(torch.int32)
     # 2^e built from its fp32 bit pattern (biased exponent, zero mantissa): exact, unlike exp2 / pow kernels.
     return torch.bitwise_left_shift(exp + 127, 23).view(torch.float32)
