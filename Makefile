@@ -7,8 +7,9 @@ PYTHON ?= python3
 
 $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: on a CPU machine this is the CPU wheel (an unpinned torch pulls CUDA wheels).
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# torch first, pinned: on this project's CPU machines the CPU wheel (an unpinned torch, asked for directly
+	# or by another package, pulls several GB of CUDA packages). Elsewhere: README, "Install".
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

@@ -1,10 +1,15 @@
-"""Build script. Metadata lives in pyproject.toml; this file only adds the optional C++ extension.
+"""Build script. Metadata lives in pyproject.toml; this file only adds the C++ extension.
 
-``spo_kernels._cpu`` (the ``cpu`` backend, sources in csrc/) is built with
-torch.utils.cpp_extension when torch is importable at build time (``pip install
---no-build-isolation``) and a C++ compiler works. Otherwise, or if compiling fails, the package
-installs without it (pure Python + Triton; CPU tensors then use the ``torch`` backend) and a
-warning says why. Set ``SPO_KERNELS_BUILD_CPU=0`` to skip the extension.
+``spo_kernels._cpu`` (the ``cpu`` backend, sources in csrc/) is compiled with
+torch.utils.cpp_extension against the torch installed in the environment, so torch must be importable
+at build time: install torch first, then ``pip install --no-build-isolation .`` (pip's default
+build isolation hides the installed torch). ``SPO_KERNELS_BUILD_CPU`` chooses what happens:
+
+- ``1`` (default): build it; if torch is missing or compiling fails, the install fails with the
+  reason and the fix (pip hides the output of builds that succeed, so a warning would go unseen);
+- ``auto``: build it if possible, else install without it with a warning (CPU tensors then use the
+  ``torch`` backend; ``spo_kernels.resolve_backend("cpu")`` says which one runs);
+- ``0``: install without it.
 """
 
 import os
@@ -28,6 +33,22 @@ SOURCES = [
 HEADERS = ["csrc/checks.h", "csrc/ops.h", "csrc/linear_blocks.h", "csrc/row_kernels.h", "csrc/row_kernels_api.h"]  # rebuild triggers; shipped in sdists
 
 
+_HOW = ("install torch first (the build you use: CPU or CUDA), then `pip install --no-build-isolation .`; or set "
+        "SPO_KERNELS_BUILD_CPU=0 (skip the extension) or SPO_KERNELS_BUILD_CPU=auto (skip it if it cannot be built); "
+        "without it CPU tensors use the slower 'torch' backend")
+
+
+def _build_mode() -> str:
+    value = os.environ.get("SPO_KERNELS_BUILD_CPU", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    if value == "auto":
+        return "auto"
+    if value in ("1", "true", "yes", "on", ""):
+        return "required"
+    raise SystemExit(f"spo-kernels: SPO_KERNELS_BUILD_CPU={value!r} is unknown; use 1, auto or 0")
+
+
 def _warn(msg: str) -> None:
     bar = "=" * 78
     print(f"\n{bar}\nWARNING (spo-kernels): {msg}\nThe package is installed without the C++ extension "
@@ -35,20 +56,30 @@ def _warn(msg: str) -> None:
           file=sys.stderr, flush=True)
 
 
+def _fail(msg: str):
+    raise SystemExit(f"\nERROR (spo-kernels): {msg}\nThe C++ extension {EXT_NAME} (the 'cpu' backend) was not "
+                     f"built. To fix: {_HOW}.\n")
+
+
 def _extension_setup():
-    """(ext_modules, cmdclass) for the optional extension; empty when it cannot be built."""
-    if os.environ.get("SPO_KERNELS_BUILD_CPU", "1").strip().lower() in ("0", "false", "no", "off"):
+    """(ext_modules, cmdclass) for the extension; empty when it is skipped."""
+    mode = _build_mode()
+    if "sdist" in sys.argv[1:] and mode == "required":
+        mode = "auto"  # a source distribution compiles nothing: the check runs when the wheel is built
+    if mode == "off":
         print(f"spo-kernels: SPO_KERNELS_BUILD_CPU=0, skipping {EXT_NAME}", file=sys.stderr)
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except Exception as exc:  # torch missing or broken at build time
-        _warn(f"torch is not importable at build time ({type(exc).__name__}: {exc}); install torch first and "
-              f"build with `pip install --no-build-isolation -e .` to get the extension.")
+    except Exception as exc:  # torch missing (build isolation) or broken at build time
+        msg = f"torch is not importable at build time ({type(exc).__name__}: {exc})."
+        if mode == "required":
+            _fail(msg)
+        _warn(msg + f" To build it: {_HOW}.")
         return [], {}
 
     class OptionalBuildExtension(BuildExtension):
-        """BuildExtension that never fails the install: on any error it drops the extension."""
+        """BuildExtension that, on any error, fails with the fix (default) or drops the extension (auto)."""
 
         def run(self):
             try:
@@ -59,6 +90,8 @@ def _extension_setup():
                 self._drop(exc)
 
         def _drop(self, exc):
+            if mode == "required":
+                _fail(f"building {EXT_NAME} failed ({type(exc).__name__}: {exc}).")
             _warn(f"building {EXT_NAME} failed ({type(exc).__name__}: {exc}).")
             self.extensions = []
             self.distribution.ext_modules = []

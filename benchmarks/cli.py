@@ -69,10 +69,13 @@ def write_outputs(lines, out_dir: str, name: str, title: str, device: str, comma
     serial = [dict(t, shape=t["shape"].to_dict()) for t in ts]
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"device": device, "versions": versions(), "command": command, "tables": serial}, f, indent=1)
+    png = os.path.join(out_dir, f"{name}.png")
+    if os.path.exists(png):
+        os.remove(png)  # a plot from an earlier run of the same name would no longer match the tables
     try:
-        report.plot(ts, os.path.join(out_dir, f"{name}.png"), f"{title}: {device}")
-    except ImportError as e:
-        log(f"(no plot: {e}; pip install matplotlib)")
+        report.plot(ts, png, f"{title}: {device}")
+    except ImportError as e:  # matplotlib is optional (the bench extra): the tables above are the results
+        log(f"(plot skipped: matplotlib is not installed ({e}); pip install matplotlib, or \"spo-kernels[bench]\")")
     return ts
 
 
@@ -124,6 +127,7 @@ def main(argv=None) -> int:
     device = device_name(args.device)
     command = "python -m benchmarks " + " ".join(argv)
     write_outputs(lines, args.out_dir, name, name, device, command, log=print)
-    print(f"\ndevice: {device}\nwrote {os.path.join(args.out_dir, name)}.jsonl / .json / .md / .png")
+    stem = os.path.join(args.out_dir, name)
+    print(f"\ndevice: {device}\nwrote {stem}.jsonl / .json / .md" + (" / .png" if os.path.exists(stem + ".png") else ""))
     bad = [r["method"] for r in lines if r.get("kind") == "result" and r["status"] in ("WRONG", "error")]
     return 1 if any(m.startswith("spo") for m in bad) else 0

@@ -47,7 +47,7 @@ def _resolve_anchor(spo_anchor, cfg: PreferenceLossConfig, P: int, device):
         cfg = cfg.replace(spo_anchor=spo_anchor)
     if cfg.spo_lambda > 0 and cfg.spo_anchor == "one_step":
         raise ValueError("spo_anchor='one_step' needs the anchor values: pass spo_anchor=<[P] tensor of the chosen "
-                         "log-probs after one SFT step> (training.one_step_anchor computes it)")
+                         "log-probs after one SFT step> (spo_kernels.integrations.anchor.one_step_anchor computes it)")
     return cfg, None
 
 

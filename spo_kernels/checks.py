@@ -20,11 +20,28 @@ INT_DTYPES = tuple(dt for dt in (torch.uint8, torch.int8, torch.int16, torch.int
                                  getattr(torch, "uint64", None)) if dt is not None)
 
 
+def _is_dtensor(x) -> bool:
+    """A ``torch.distributed.tensor.DTensor`` (SPEC 6: a weight kind the kernels cannot handle is a clear
+    error, never a number computed on one shard)."""
+    if type(x) is torch.Tensor or type(x) is torch.nn.Parameter:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return False
+    return isinstance(x, DTensor)
+
+
 def check_tensor(name: str, x, device=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.device.type == "meta":
         raise ValueError(f"{name} is a meta tensor (a shape without data); pass a tensor with data")
+    if _is_dtensor(x):
+        raise TypeError(f"{name} is a DTensor (a sharded tensor, e.g. an FSDP2 or tensor-parallel LM head outside "
+                        f"its module's forward): the kernels need the whole local tensor. Run the loss inside the "
+                        f"module's forward, where FSDP2 has gathered it (spo_kernels.integrations.hf."
+                        f"enable_fused_head does), or pass {name}.full_tensor()")
     if device is not None and x.device != torch.device(device):
         raise ValueError(f"{name} is on {x.device} but the inputs are on {device}")
 

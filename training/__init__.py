@@ -10,7 +10,9 @@ Python use: ``train(TrainConfig(...))``; ``one_step_anchor(model, batch, alpha)`
 
 from .config import TrainConfig
 from .data import PreferenceBatch, collate_pairs, load_preference_jsonl, tokenize_pair
-from .modeling import final_hidden, lm_head, one_step_anchor, sequence_logprobs
+from spo_kernels.integrations.anchor import one_step_anchor
+
+from .modeling import final_hidden, lm_head, sequence_logprobs
 from .tokenizer import CharTokenizer, load_tokenizer
 from .trainer import TrainResult, train
 

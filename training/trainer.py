@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from spo_kernels import fused_linear_preference_loss, fused_linear_sequence_logprobs
+from spo_kernels.integrations.anchor import one_step_anchor
 
 from .config import RESUME_FREE_FIELDS, TrainConfig
 from .data import PreferenceBatch, TokenizedPair, collate_pairs, load_preference_jsonl, tokenize_pair
-from .modeling import BuiltinModelSize, build_builtin_model, final_hidden, lm_head, load_model, one_step_anchor
+from .modeling import BuiltinModelSize, build_builtin_model, final_hidden, lm_head, load_model
 from .tokenizer import CharTokenizer, load_tokenizer
 
 CHECKPOINT_DIR = "checkpoint"
