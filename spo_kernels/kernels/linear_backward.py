@@ -15,7 +15,8 @@ stream ``dz`` through a bounded scratch:
     for each block (token chunk x vocabulary range) of the [Nc, V] plane, in order:
         _grad_logits_kernel : recompute the logit tiles (2 n_tok n_v H), write dz [n_tok, n_v] in the
                               input dtype (what a tensor-core dot consumes anyway) to the scratch,
-                              plus per-tile column sums of fp32 dz for the bias;
+                              plus per-tile column sums of fp32 dz for the bias; fp16: dz * 2^e, with
+                              2^-e applied by both GEMMs (fp16 scaling below);
         _dw_gemm_kernel     : dW[range]  (+)= dz^T h[chunk]   (2 n_tok n_v H), fp32 accumulator in registers;
         _dh_gemm_kernel     : dh[chunk]  (+)= dz W[range]     (2 n_tok n_v H), fp32 accumulator in registers;
         _bias_reduce_kernel : db[range]  (+)= column sums, token blocks in order.
@@ -33,6 +34,11 @@ the phase-2 recompute above. Extra global traffic over the three matmuls: dz wri
 (``6 Nc V`` bytes in bf16) and one read-modify-write of the accumulator per range. Every reduction runs
 in a fixed order with no atomics, so **results are bitwise reproducible in every mode**;
 ``deterministic=True`` is accepted and selects the same code.
+
+fp16 scaling (SPEC 7): an fp16 scratch would flush ``|dz| < 3e-8`` to zero (a small upstream gradient
+times a small softmax entry). ``_fp16_dz_scale`` bounds ``|dz|`` by ``max|g| max|w| |inv_temp|`` on the
+device and picks ``2^e`` bringing that bound to ``2^14``; the dz kernel stores ``dz 2^e`` and the GEMMs
+multiply their fp32 block sums by ``2^-e`` (exact). bf16 / fp32 launch without it (``SCALE_DZ`` off).
 
 Gradient filter (``grad_filter_eps > 0``, opt-in, approximate): the dz kernel flags a tile when
 ``|g (onehot - softmax)| < eps`` on all its entries, zeroes it, and both GEMMs skip flagged tiles (their
@@ -77,12 +83,13 @@ def _grad_logits_kernel(
     tok_start, n_tok, v_start, n_v, H, stride_h, stride_w, stride_dz, group, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT: tl.constexpr, NEED_DB: tl.constexpr,
     FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    weights_ptr=None, HAS_WEIGHTS: tl.constexpr = False,
+    weights_ptr=None, HAS_WEIGHTS: tl.constexpr = False, dz_scale_ptr=None, SCALE_DZ: tl.constexpr = False,
 ):
     """Program (token block, vocab block) of the current (chunk x range) block: recompute the logit tile,
     write ``dz_raw`` (input dtype) at ``dz[local token, local col]``, its fp32 column sums for the bias at
     ``db_part[token block, local col]`` and, with FILTER, the tile's skip flag. HAS_WEIGHTS: token t's
-    upstream gradient is ``g_s w_t`` (``weights [Nc]`` fp32, SPEC 8)."""
+    upstream gradient is ``g_s w_t`` (``weights [Nc]`` fp32, SPEC 8). SCALE_DZ (fp16 only): the stored dz
+    is ``dz_raw * dz_scale[0]`` (a power of two, ``_fp16_dz_scale``); the bias sums stay unscaled."""
     pid = tl.program_id(0)
     num_tb = tl.cdiv(n_tok, BLOCK_N)
     num_vb = tl.cdiv(n_v, BLOCK_V)
@@ -119,7 +126,11 @@ def _grad_logits_kernel(
         dz = dz * (1.0 - t * t)
     dz = dz * inv_temp
     dz_off = local_rows.to(tl.int64)[:, None] * stride_dz + local_cols[None, :]
-    tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=tile_mask)
+    if SCALE_DZ:
+        # A power of two: exact in fp32, and it lifts the small entries out of fp16's underflow range.
+        tl.store(dz_ptr + dz_off, (dz * tl.load(dz_scale_ptr)).to(dz_ptr.dtype.element_ty), mask=tile_mask)
+    else:
+        tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=tile_mask)
     if NEED_DB:
         tl.store(db_part_ptr + tb.to(tl.int64) * n_v + local_cols, tl.sum(dz, axis=0), mask=col_mask)
 
@@ -131,10 +142,12 @@ def _dw_gemm_kernel(
     LOAD_ACC: tl.constexpr, STORE_OUT: tl.constexpr, FILTER: tl.constexpr, DOT: tl.constexpr,
     SKIP_BN: tl.constexpr, SKIP_BV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    dz_scale_ptr=None, SCALE_DZ: tl.constexpr = False,
 ):
     """``dW[v_start + m, n] (+)= sum_k dz[k, m] h[token_idx[tok_start + k], n]``: program (vocab block, H
     block), reduction over the chunk's tokens in order, fp32 in registers. ``acc``/``out`` are ``[V, H]``
-    row-major (``acc`` fp32; ``out`` in the weight's dtype; they may be the same tensor).
+    row-major (``acc`` fp32; ``out`` in the weight's dtype; they may be the same tensor). SCALE_DZ: dz holds
+    ``dz_raw * dz_scale[0]``, divided out of the block's fp32 sum before it meets ``acc``.
 
     The hidden rows of a step are gathered through ``token_idx``. Each step's indices are loaded one step
     ahead (``tok`` is loop-carried), so that the hidden-row load of a step depends on no load of the same
@@ -169,6 +182,8 @@ def _dw_gemm_kernel(
                         mask=k_mask[:, None] & h_mask[None, :], other=0.0)
             acc = dot_acc(a, b, acc, DOT)
         tok = tok_next
+    if SCALE_DZ:
+        acc = acc * tl.load(dz_scale_ptr + 1)  # 1 / scale, a power of two: exact
     off = (v_start + local_cols).to(tl.int64)[:, None] * H + hs[None, :]
     mask = v_mask[:, None] & h_mask[None, :]
     finish(acc, acc_ptr, out_ptr, off, off, mask, LOAD_ACC, STORE_OUT)
@@ -181,11 +196,12 @@ def _dh_gemm_kernel(
     LOAD_ACC: tl.constexpr, ACC_GATHERED: tl.constexpr, STORE_OUT: tl.constexpr, FILTER: tl.constexpr,
     DOT: tl.constexpr, SKIP_BN: tl.constexpr, SKIP_BV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    dz_scale_ptr=None, SCALE_DZ: tl.constexpr = False,
 ):
     """``dh[token_idx[tok_start + m], n] (+)= sum_k dz[m, k] W[v_start + k, n]``: program (token block, H
     block), reduction over the range's vocabulary in order, fp32 in registers. ``out`` is ``dhidden
     [N, H]`` (rows gathered through token_idx); ``acc`` is either ``out`` itself (ACC_GATHERED, fp32 hidden)
-    or a compact fp32 ``[Nc, H]`` buffer indexed by plan position."""
+    or a compact fp32 ``[Nc, H]`` buffer indexed by plan position. SCALE_DZ: as in ``_dw_gemm_kernel``."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(n_tok, BLOCK_M)
     num_n = tl.cdiv(H, BLOCK_N)
@@ -207,6 +223,8 @@ def _dh_gemm_kernel(
             b = tl.load(weight_ptr + (v_start + ks).to(tl.int64)[:, None] * stride_w + hs[None, :],
                         mask=k_mask[:, None] & h_mask[None, :], other=0.0)
             acc = dot_acc(a, b, acc, DOT)
+    if SCALE_DZ:
+        acc = acc * tl.load(dz_scale_ptr + 1)  # 1 / scale, a power of two: exact
     rows = tok_start + local_rows.to(tl.int64)
     tok = tl.load(token_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     mask = row_mask[:, None] & h_mask[None, :]
@@ -254,6 +272,43 @@ def _scatter_rows_kernel(acc_ptr, token_idx_ptr, out_ptr, n_tok, H, group,
 # host
 # ---------------------------------------------------------------------------------------------
 
+# fp16 dz scaling (SPEC 7). Switch read by BlockLaunches: False restores the unscaled fp16 store (tests
+# use it to show the underflow the scale prevents).
+SCALE_FP16_DZ = True
+# The scale brings the largest possible |dz| to at most 2^14 (fp16's largest finite value is 65504 ~ 2^16),
+# and stays in [2^-100, 2^100] so that it and its inverse are normal fp32 numbers.
+_DZ_SCALE_TARGET_EXP = 14
+_DZ_SCALE_MAX_EXP = 100
+
+
+def _fp16_dz_scale(grad_seq, token_weights, inv_temp):
+    """``[2]`` fp32 device tensor ``(2^e, 2^-e)``, the power of two that the fp16 dz scratch is scaled by and
+    its inverse, computed on the device (no host sync).
+
+    ``|dz| = |g_s w_t (onehot - softmax) (1 - tanh^2) / tau'| <= max|g| * max|w| * |inv_temp|`` (``|onehot -
+    softmax| <= 1``, ``0 <= 1 - tanh^2 <= 1``; ``inv_temp`` has the multiplier folded in), so
+    ``e = 14 - ceil(log2(bound))`` keeps every stored entry within 2^14 while moving small ones up out of
+    fp16's subnormal range. NaN entries of ``grad_seq`` / ``token_weights`` are left out of the bound (they
+    still turn their own dz into NaN); a zero bound gives the largest scale, an infinite one the smallest,
+    ``inf * 0`` the scale 1.
+
+    Args:
+        grad_seq: ``[S]`` fp32. token_weights: ``[Nc]`` fp32 or None. inv_temp: Python float.
+    """
+    def finite_max(x):
+        x = x.abs()
+        return torch.where(torch.isnan(x), torch.zeros_like(x), x).amax()
+
+    bound = finite_max(grad_seq) * abs(float(inv_temp))
+    if token_weights is not None:
+        bound = bound * finite_max(token_weights)
+    exp = (_DZ_SCALE_TARGET_EXP - torch.ceil(torch.log2(bound))).clamp(-_DZ_SCALE_MAX_EXP, _DZ_SCALE_MAX_EXP)
+    exp = torch.nan_to_num(exp, nan=0.0)  # bound = inf * 0 (an infinite g, zero weights): scale 1
+    exp = torch.stack([exp, -exp]).to(torch.int32)
+    # 2^e built from its fp32 bit pattern (biased exponent, zero mantissa): exact, unlike exp2 / pow kernels.
+    return torch.bitwise_left_shift(exp + 127, 23).view(torch.float32)
+
+
 class BlockLaunches:
     """The backward's kernel launches over one (token chunk x vocabulary range) block of the ``[Nc, V]``
     plane, with one config: :func:`linear_backward` walks the plane with it, and the tune step
@@ -279,6 +334,11 @@ class BlockLaunches:
         weights = getattr(plan, "token_weights", None)
         self.weight_args = {} if weights is None else dict(weights_ptr=weights.contiguous().float(),
                                                             HAS_WEIGHTS=True)
+        # fp16 dz scaling (SPEC 7), the same switch in the three kernels; bf16 / fp32 launch exactly as without.
+        self.scale_args = {}
+        if hidden.dtype == torch.float16 and SCALE_FP16_DZ:
+            scale = _fp16_dz_scale(self.grad_seq, self.weight_args.get("weights_ptr"), self.inv_temp)
+            self.scale_args = dict(dz_scale_ptr=scale, SCALE_DZ=True)
 
     def grad_logits(self, dz_buf, stride, tok_start, n_tok, v_start, n_v, with_db):
         """dz of the block into ``dz_buf`` (row stride ``stride``), bias partials if ``with_db``."""
@@ -289,7 +349,7 @@ class BlockLaunches:
             tok_start, n_tok, v_start, n_v, hidden.shape[1], hidden.stride(0), weight.stride(0), stride,
             cfg.group, self.softcap_v, self.inv_temp, self.eps,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=self.has_softcap, DOT=self.dot, NEED_DB=with_db,
-            FILTER=self.use_filter, **cfg.launch("linear_dz"), **self.weight_args)
+            FILTER=self.use_filter, **cfg.launch("linear_dz"), **self.weight_args, **self.scale_args)
 
     def dw_gemm(self, dz_buf, stride, acc, out, tok_start, n_tok, v_start, n_v, load_acc, store_out):
         """``dW[v_start:v_start+n_v] (+)= dz^T h[chunk]`` (see ``_dw_gemm_kernel``)."""
@@ -300,7 +360,7 @@ class BlockLaunches:
             dz_buf, hidden, self.token_idx, acc, out, self.skip,
             tok_start, n_tok, v_start, n_v, H, stride, hidden.stride(0), triton.cdiv(n_v, cfg.block_v), cfg.group,
             LOAD_ACC=load_acc, STORE_OUT=store_out, FILTER=self.use_filter, DOT=self.dot,
-            SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, **launch)
+            SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, **launch, **self.scale_args)
 
     def dh_gemm(self, dz_buf, stride, acc, out, tok_start, n_tok, v_start, n_v, load_acc, gathered, store_out):
         """``dh[chunk] (+)= dz W[v_start:v_start+n_v]`` (see ``_dh_gemm_kernel``)."""
@@ -311,7 +371,7 @@ class BlockLaunches:
             dz_buf, weight, self.token_idx, acc, out, self.skip,
             tok_start, n_tok, v_start, n_v, H, stride, weight.stride(0), triton.cdiv(n_v, cfg.block_v), cfg.group,
             LOAD_ACC=load_acc, ACC_GATHERED=gathered, STORE_OUT=store_out, FILTER=self.use_filter, DOT=self.dot,
-            SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, **launch)
+            SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, **launch, **self.scale_args)
 
 
 def linear_backward(hidden, weight, bias, plan, transform: LogitTransform, options: KernelOptions, lse, grad_seq,
