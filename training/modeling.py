@@ -5,10 +5,9 @@ the per-sequence log-probs and SPO one-step anchor through the fused path (logit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
-from torch.func import functional_call
 
 from spo_kernels import fused_linear_preference_loss, fused_linear_sequence_logprobs
 
@@ -200,76 +199,3 @@ class SequenceLogps(torch.nn.Module):
                                              None if head.bias is None else head.bias.to(hidden.dtype),
                                              cu_seqlens=cu_seqlens, softcap=head.softcap, backend=self.backend)
         return seq.logps.float()
-
-
-# ---------------------------------------------------------------------------------------------
-# SPO one-step anchor
-# ---------------------------------------------------------------------------------------------
-
-def _module_prefix(model, module) -> str:
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return name + "." if name else ""
-    raise ValueError("the decoder is not a submodule of the model")
-
-
-def _param_name(model, tensor) -> Optional[str]:
-    for name, param in model.named_parameters():
-        if param is tensor:
-            return name
-    return None
-
-
-def one_step_anchor(model, batch, alpha: float, normalize: str = "mean",
-                    backend: Optional[str] = None) -> Tensor:
-    """SPO's ``"one_step"`` anchor (SPEC 4): the chosen responses' log-probs after one virtual SFT step.
-
-    ``theta' = theta - alpha * grad F(theta)`` where ``F`` is the chosen completions' token-mean NLL over
-    the batch (the usual SFT loss: summed NLL of all chosen tokens / number of chosen tokens), a plain
-    gradient step on every trainable parameter. The chosen log-probs are then evaluated at ``theta'``
-    with ``torch.func.functional_call``; the model's weights are never changed and no gradient flows
-    out of the result.
-
-    Args:
-        model: a causal LM (its backbone and head are read as in :func:`final_hidden` / :func:`lm_head`).
-        batch: a preference batch with ``input_ids``, ``attention_mask``, ``labels`` of shape ``[2P, T]``
-            (chosen rows first; attributes or mapping keys); only the chosen rows are used.
-        alpha: step size of the virtual SFT step.
-        normalize: ``"mean"`` -> per-token mean log-prob ``L_w / n_w`` (matches ``spo_normalize="mean"``),
-            ``"sum"`` -> summed ``L_w``.
-    Returns:
-        ``[P]`` fp32 tensor, detached; pass it as ``spo_anchor=`` to the fused preference loss.
-    """
-    if normalize not in ("mean", "sum"):
-        raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}")
-    get = (lambda k: batch[k]) if isinstance(batch, dict) else (lambda k: getattr(batch, k))
-    input_ids, attention_mask, labels = get("input_ids"), get("attention_mask"), get("labels")
-    P = input_ids.shape[0] // 2
-    input_ids, attention_mask, labels = input_ids[:P], attention_mask[:P], labels[:P]
-
-    trainable: Dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with torch.enable_grad():
-        seq = sequence_logprobs(model, input_ids, attention_mask, labels, backend=backend)
-        sft_loss = -seq.logps.sum() / seq.counts.sum().clamp(min=1)
-        grads = torch.autograd.grad(sft_loss, list(trainable.values()), allow_unused=True)
-    stepped = {name: (p.detach() if g is None else p.detach() - alpha * g)
-               for (name, p), g in zip(trainable.items(), grads)}
-
-    decoder = model.get_decoder()
-    prefix = _module_prefix(model, decoder)
-    decoder_params = {n[len(prefix):]: t for n, t in stepped.items() if n.startswith(prefix)}
-    head = lm_head(model)
-    # Tied heads are found under the embedding's name, so the stepped copy stays tied.
-    weight = stepped.get(_param_name(model, head.weight), head.weight)
-    bias = None if head.bias is None else stepped.get(_param_name(model, head.bias), head.bias)
-    with torch.no_grad():
-        out = functional_call(decoder, decoder_params, args=(),
-                              kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
-        hidden = out.last_hidden_state
-        after = fused_linear_sequence_logprobs(hidden, weight.to(hidden.dtype), labels,
-                                               None if bias is None else bias.to(hidden.dtype),
-                                               softcap=head.softcap, backend=backend)
-    logps = after.logps.float()
-    if normalize == "mean":
-        logps = logps / after.counts.clamp(min=1).to(logps.dtype)
-    return logps.detach()
