@@ -15,6 +15,7 @@ from typing import Dict, Optional
 import torch
 
 import spo_kernels as sk
+from spo_kernels import PreferenceLossOutput
 from spo_kernels.reference import reference_pair_loss
 
 IGNORE = -100
@@ -174,7 +175,7 @@ def poisoned_allocations():
 
 
 def run_step(path: str, backend: str, inputs: Dict[str, Optional[torch.Tensor]], *, upcast: bool = False,
-             inplace: bool = True, frozen: bool = False, poison: bool = False, **options):
+             inplace: bool = True, frozen: bool = False, poison: bool = False, device=None, **options):
     """One preference-loss step through the public API, then ``loss.backward()``.
 
     Args:
@@ -188,16 +189,30 @@ def run_step(path: str, backend: str, inputs: Dict[str, Optional[torch.Tensor]],
             backward may overwrite; the gradient is read from the leaf they were made from).
         frozen: the head (weight, bias) takes no gradient.
         poison: run under :func:`poisoned_allocations`.
+        device: run on this device (default: where the inputs are); the results come back on the CPU.
         options: further keyword arguments (loss options, ``spo_anchor``), float tensors upcast with the rest.
     Returns:
-        ``(PreferenceLossOutput, grads)``: grads ``{"logits"}`` or ``{"hidden", "weight", "bias"}``, each the
-        leaf's ``.grad`` (None where no gradient was asked).
+        ``(PreferenceLossOutput, grads)`` on the CPU: grads ``{"logits"}`` or ``{"hidden", "weight", "bias"}``,
+        each the leaf's ``.grad`` (None where no gradient was asked).
     """
     def cast(t):
-        return t.double() if (upcast and t is not None and t.is_floating_point()) else t
+        if t is None:
+            return None
+        t = t if device is None else t.to(device)
+        return t.double() if (upcast and t.is_floating_point()) else t
+
+    out, grads = _step(path, backend, inputs, cast, inplace, frozen, poison, options)
+    cpu = {k: None if v is None else v.cpu() for k, v in grads.items()}
+    return PreferenceLossOutput(
+        loss=out.loss.detach().cpu(), metrics={k: v.cpu() for k, v in out.metrics.items()},
+        policy_logps=out.policy_logps.cpu(), ref_logps=None if out.ref_logps is None else out.ref_logps.cpu(),
+        counts=out.counts.cpu()), cpu
+
+
+def _step(path, backend, inputs, cast, inplace, frozen, poison, options):
 
     kw = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
-    kw.update(cu_seqlens=inputs.get("cu_seqlens"), backend=backend)
+    kw.update(cu_seqlens=cast(inputs.get("cu_seqlens")), backend=backend)
     if inputs.get("ref_logps") is not None:
         kw["ref_logps"] = cast(inputs["ref_logps"])
     with poisoned_allocations() if poison else contextlib.nullcontext():
@@ -206,7 +221,7 @@ def run_step(path: str, backend: str, inputs: Dict[str, Optional[torch.Tensor]],
             logits = leaf * 1 if inplace else leaf  # a non-leaf buffer: in-place backward may overwrite it
             if inputs.get("ref_logits") is not None:
                 kw["ref_logits"] = cast(inputs["ref_logits"])
-            out = sk.preference_loss(logits, inputs["labels"], inplace_backward=inplace, **kw)
+            out = sk.preference_loss(logits, cast(inputs["labels"]), inplace_backward=inplace, **kw)
             out.loss.backward()
             return out, {"logits": leaf.grad}
         if path != "fused_linear":
@@ -218,7 +233,7 @@ def run_step(path: str, backend: str, inputs: Dict[str, Optional[torch.Tensor]],
         if inputs.get("ref_hidden") is not None:
             kw.update(ref_hidden=cast(inputs["ref_hidden"]), ref_weight=cast(inputs["ref_weight"]),
                       ref_bias=None if b is None else b.detach())
-        out = sk.fused_linear_preference_loss(h, w, inputs["labels"], b, **kw)
+        out = sk.fused_linear_preference_loss(h, w, cast(inputs["labels"]), b, **kw)
         out.loss.backward()
         return out, {"hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
 

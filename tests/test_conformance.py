@@ -2,7 +2,7 @@
 
 Factors: backend (torch, cpu, triton through the interpreter) x path (logits, fused linear) x layout
 (padded, packed) x input dtype (fp32, bf16) x loss type (every one of ``LOSS_TYPES``) x options: softcap,
-temperature, bias, a frozen head, SPO (off; on with the reference anchor and per-token means; on with a
+temperature, bias, a frozen head, an SFT term, SPO (off; on with the reference anchor and per-token means; on with a
 tensor anchor, summed, with a margin), label smoothing (only where the loss has it), ``reference_free``,
 an empty completion (packed: a sequence with no rows at all), the reference given as model inputs or as
 precomputed log-probs, and the logits path's in-place or allocated backward.
@@ -16,7 +16,8 @@ Each case runs one step through the public API on fresh random inputs with odd s
 prompts and padding), with every ``torch.empty`` of the step NaN-poisoned, and asserts the loss, every
 metric, the counts, the policy and reference log-probs, and every gradient (logits, or hidden / weight /
 bias) against ``backend="reference"`` on float64 copies of the same inputs, with SPEC 7's tolerances
-(``batches.TOL``); rows outside the completions must get exactly zero gradient.
+(``batches.TOL``); rows outside the completions must get exactly zero gradient. With CUDA, the triton
+and torch backends run compiled on the GPU (the oracle stays on the CPU).
 :func:`test_a_wrong_result_fails` shows that the comparison catches a wrong number of each kind.
 """
 
@@ -51,6 +52,7 @@ FACTORS = {
     "spo": ["off", "mean-reference", "sum-tensor"],
     "label_smoothing": [0.0, 0.1],
     "reference_free": [False, True],
+    "sft_weight": [0.0, 0.3],
     "empty": [False, True],
     "ref": ["inputs", "logps"],
     "bias": [True, False],
@@ -150,7 +152,7 @@ DESIGN = covering_design()
 
 def _case_id(case):
     parts = [case["backend"], case["path"], case["layout"], case["dtype"], case["loss_type"]]
-    for name in ("softcap", "temperature", "label_smoothing"):
+    for name in ("softcap", "temperature", "label_smoothing", "sft_weight"):
         if case[name] not in (None, 1.0, 0.0):
             parts.append(f"{name}{case[name]}")
     if case["spo"] != "off":
@@ -206,7 +208,7 @@ def build_inputs(case, seed):
         inputs["logits"] = (h.double() @ batch.weight.double().t() + b).to(dtype)
         ref_inputs = dict(ref_logits=(rh.double() @ batch.ref_weight.double().t() + b).to(dtype))
     options = dict(loss_type=case["loss_type"], beta=0.5, reference_free=case["reference_free"],
-                   temperature=case["temperature"])
+                   sft_weight=case["sft_weight"], temperature=case["temperature"])
     if case["softcap"] is not None:
         options["softcap"] = case["softcap"]
     if case["label_smoothing"]:
@@ -250,7 +252,9 @@ def check_case(case, seed=None):
     run = dict(path=case["path"], inputs=inputs, inplace=case["inplace"] is not False,
                frozen=case["frozen_head"] is True, **options)
     want, want_grads = run_step(backend="reference", upcast=True, **run)
-    out, grads = run_step(backend=case["backend"], poison=True, **run)
+    # on a CUDA machine the GPU backends run compiled, on the GPU; the cpu backend stays on the CPU
+    device = "cuda" if torch.cuda.is_available() and case["backend"] != "cpu" else None
+    out, grads = run_step(backend=case["backend"], poison=True, device=device, **run)
     cfg = sk.PreferenceLossConfig(**{k: v for k, v in options.items() if k != "spo_anchor"})
     assert_matches_reference(out, grads, want, want_grads, dtype=DTYPES[case["dtype"]], cfg=cfg, anchor=anchor,
                              zero_rows=zero_rows)
@@ -323,6 +327,7 @@ def test_a_wrong_result_fails():
     import copy
     case = dict(backend="torch", path="fused_linear", layout="padded", dtype="fp32", loss_type="sigmoid",
                 softcap=None, temperature=1.0, spo="mean-reference", label_smoothing=0.0, reference_free=False,
+                sft_weight=0.0,
                 empty=False, ref="inputs", bias=True, frozen_head=False, inplace=NA)
     out, grads, want, want_grads, cfg, anchor, zero_rows = check_case(case, seed=1)
     kinds = list(_perturbations(out, grads, zero_rows))
