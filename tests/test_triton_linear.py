@@ -609,19 +609,19 @@ def test_tail_blocks_waves_within_the_cap():
     assert new.total_extra_bytes <= (N * H * 2 + V * H * 2) // 16
 
 
-@pytest.mark.parametrize("sms", [2, 3])
-def test_wave_sized_tail_blocks_against_reference(monkeypatch, sms):
-    """A device with 2 or 3 'SMs' (the interpreter has 1): the phase-2 blocks widen to 2 waves of the dW
-    GEMM (fewer, wider, uneven blocks at V = 1531); the backward walks exactly those blocks and its
-    gradients match the float64 reference."""
-    dtype = torch.bfloat16
-    case = make_case(seed=61, P=2, T=24, V=1531)
-    plan = build_plan(case["labels"], 1531, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
+def test_wave_sized_tail_blocks_against_reference(monkeypatch):
+    """A device with 3 'SMs' (the interpreter has 1): the phase-2 blocks widen to 2 waves of the dW GEMM
+    (fewer, wider, uneven blocks at V = 1031: 64, 64, 39 instead of five); the backward walks exactly those
+    blocks and its gradients match the float64 reference. (2 SMs give the same blocks at this size.)"""
+    dtype, sms, V = torch.bfloat16, 3, 1031
+    case = make_case(seed=61, P=2, T=24, V=V)
+    plan = build_plan(case["labels"], V, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
     N = case["labels"].numel()
     cfg = LL.kernel_config(dtype)
-    one = LL.plan_backward(N, plan.num_tokens, 1531, 80, dtype, dtype, dtype, True, True, True, cfg, num_sms=1)
-    bp = LL.plan_backward(N, plan.num_tokens, 1531, 80, dtype, dtype, dtype, True, True, True, cfg, num_sms=sms)
+    one = LL.plan_backward(N, plan.num_tokens, V, 80, dtype, dtype, dtype, True, True, True, cfg, num_sms=1)
+    bp = LL.plan_backward(N, plan.num_tokens, V, 80, dtype, dtype, dtype, True, True, True, cfg, num_sms=sms)
     assert bp.dh_acc == "weight_tail" and 1 < len(bp.tail_blocks) < len(one.tail_blocks)
+    assert len({n for _, n in bp.tail_blocks}) > 1  # uneven
     monkeypatch.setattr(LL, "_num_sms", lambda device: sms)
     seen = []
     real = LL.BlockLaunches.dw_gemm
