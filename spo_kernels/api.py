@@ -253,9 +253,9 @@ def preference_loss(
         inplace_backward: write dlogits into the logits buffer during backward (default; no extra
             ``[N, V]`` tensor, the logits are overwritten), when that cannot change what anyone else reads;
             else a new buffer (the rule is in :func:`sequence_logprobs`). Never a wrong gradient.
-        bco_delta: reward shift for ``bco_pair``: a scalar tensor, or a callable taking this batch's mean
-            reward and returning the shift (how the modules keep TRL's running mean); default: the
-            batch mean.
+        bco_delta: opt-in reward shift for ``bco_pair``: a scalar tensor, or a callable taking this batch's
+            mean reward and returning the shift (how the modules keep a running mean with
+            ``bco_running_mean=True``); default None: no shift, TRL 1.16's ``bco_pair``.
     Returns:
         :class:`PreferenceLossOutput`: ``loss`` plus the TRL-named metrics.
     """

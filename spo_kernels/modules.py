@@ -1,4 +1,4 @@
-"""``nn.Module`` wrappers: a config, and TRL's running reward mean for ``bco_pair``."""
+"""``nn.Module`` wrappers: a config, and (opt-in) a running reward mean for ``bco_pair``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .api import fused_linear_preference_loss, preference_loss
-from .config import PreferenceLossConfig, config_type_error
+from .config import PreferenceLossConfig, check_bool, config_type_error
 from .output import PreferenceLossOutput
 
 
@@ -16,9 +16,14 @@ class _PreferenceLossModule(nn.Module):
     """``config``: a :class:`PreferenceLossConfig` (or None for the defaults); ``**options`` override its
     fields. Anything else, a dict included, is a ``TypeError`` here, at construction (not on the first
     call): build ``PreferenceLossConfig(**d)`` from a dict, which validates it. ``backend`` is checked
-    when the inputs' device is known (first call)."""
+    when the inputs' device is known (first call).
 
-    def __init__(self, config: Optional[PreferenceLossConfig] = None, backend: Optional[str] = None, **options):
+    ``bco_running_mean=True`` (ours, off by default): ``bco_pair`` subtracts the running mean of the per-step
+    mean rewards (buffers ``bco_mean``, ``bco_steps``; the ``RunningMoments`` shift of TRL before 1.16).
+    Off, ``bco_pair`` is TRL 1.16's unshifted loss."""
+
+    def __init__(self, config: Optional[PreferenceLossConfig] = None, backend: Optional[str] = None, *,
+                 bco_running_mean: bool = False, **options):
         super().__init__()
         if config is None:
             config = PreferenceLossConfig()
@@ -28,14 +33,16 @@ class _PreferenceLossModule(nn.Module):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         self.config = config.replace(**options) if options else config
         self.backend = backend
-        # bco_pair's reward shift: the running mean of per-step mean rewards, as TRL's RunningMoments.
+        check_bool("bco_running_mean", bco_running_mean)
+        self.bco_running_mean = bco_running_mean
+        # bco_pair's opt-in reward shift: the running mean of per-step mean rewards.
         self.register_buffer("bco_mean", torch.zeros((), dtype=torch.float32), persistent=True)
         self.register_buffer("bco_steps", torch.zeros((), dtype=torch.float32), persistent=True)
 
     def _bco_delta(self):
-        """For bco_pair: a callable the loss calls with this batch's mean reward; like TRL, the running
-        mean is updated with it first and then used as the shift."""
-        if self.config.loss_type != "bco_pair":
+        """With ``bco_running_mean`` and bco_pair: a callable the loss calls with this batch's mean reward; the
+        running mean is updated with it first and then used as the shift. Otherwise None (no shift)."""
+        if not self.bco_running_mean or "bco_pair" not in self.config.loss_type:
             return None
 
         def update(step_mean: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .config import MEAN_BASIS_LOSSES, REFERENCE_FREE_LOSSES, PreferenceLossConfig
+from .config import PreferenceLossConfig
 
 Tensor = torch.Tensor
 
@@ -54,64 +54,113 @@ def reference_sequence_logprobs(token_logps: Tensor, labels: Tensor, ignore_inde
     return sums, counts
 
 
+def _reference_scores(u: Tensor, cfg: PreferenceLossConfig) -> Tensor:
+    """TRL 1.16's f-divergence scores of the log-ratios, written as TRL writes them (autograd differentiates)."""
+    ft = cfg.f_divergence_type
+    if ft == "reverse_kl":
+        return u
+    if ft == "forward_kl":
+        return 1 - torch.exp(-u)
+    if ft == "js_divergence":
+        return math.log(2) + F.logsigmoid(u)
+    a = cfg.f_alpha_divergence_coef
+    if abs(a - 1.0) < 1e-6:
+        return u
+    return (torch.exp(torch.clamp((a - 1.0) * u, max=80.0)) - 1.0) / (a - 1.0)
+
+
+def _reference_wpo_weights(L: Tensor, n: Tensor, seq_stats) -> Tensor:
+    """WPO: ``exp(mean_t(logp_t - log sum p^2))`` per sequence, chosen times rejected, no gradient."""
+    P = L.shape[0] // 2
+    with torch.no_grad():
+        mean_logps = (L - seq_stats.log_sum_p2_sum.to(L.dtype)) / n.to(L.dtype).clamp(min=1)
+        w = torch.exp(mean_logps)
+    return w[:P] * w[P:]
+
+
+def _reference_one_loss(lt, L, R, n_raw, cfg, bco_delta):
+    """Per-pair losses ``[P]`` of one loss type (TRL's branch of ``_compute_loss``, or our extra)."""
+    P = L.shape[0] // 2
+    nc = n_raw.clamp(min=1)
+    b, e = cfg.beta, cfg.label_smoothing
+    Lw, Ll, Rw, Rl = L[:P], L[P:], R[:P], R[P:]
+    cw, cr = Lw - Rw, Ll - Rl
+    scores = _reference_scores(torch.cat([cw, cr]), cfg)
+    sw, sr = scores[:P], scores[P:]
+    delta = sw - sr
+    ls = F.logsigmoid
+    if lt == "sigmoid":
+        return -ls(b * delta) * (1 - e) - ls(-b * delta) * e
+    if lt == "robust":
+        return (-ls(b * delta) * (1 - e) + ls(-b * delta) * e) / (1 - 2 * e)
+    if lt == "hinge":
+        return torch.relu(1 - b * delta)
+    if lt == "ipo":
+        return (sw / nc[:P] - sr / nc[P:] - 1 / (2 * b)) ** 2
+    if lt == "sigmoid_norm":
+        return -ls(b * (sw / nc[:P] - sr / nc[P:]))
+    if lt == "exo_pair":
+        ee = e if e > 0 else 1e-3
+        return (b * delta).sigmoid() * (ls(b * delta) - math.log(1 - ee)) + \
+            (-b * delta).sigmoid() * (ls(-b * delta) - math.log(ee))
+    if lt == "nca_pair":
+        return -ls(b * cw) - 0.5 * ls(-b * cw) - 0.5 * ls(-b * cr)
+    if lt == "bco_pair":
+        d = 0.0 if bco_delta is None else bco_delta.detach()
+        return -ls(b * cw - d) - ls(-(b * cr - d))
+    if lt == "sppo_hard":
+        return (cw - 0.5 / b) ** 2 + (cr + 0.5 / b) ** 2
+    if lt in ("aot", "aot_unpaired"):
+        if lt == "aot":
+            d = torch.sort(Lw - Ll, dim=0)[0] - torch.sort(Rw - Rl, dim=0)[0]
+        else:
+            d = torch.sort(cw, dim=0)[0] - torch.sort(cr, dim=0)[0]
+        return -ls(b * d) * (1 - e) - ls(-b * d) * e
+    # TRL's 1 - sigmoid(u), written sigmoid(-u): the same value, but autograd of "1 - sigmoid" loses the
+    # gradient sig(u) sig(-u) to cancellation once sig(u) rounds near 1 (rel. 1e-3 at u = 30 in float64).
+    if lt == "apo_zero":
+        return torch.sigmoid(-b * cw) + torch.sigmoid(b * cr)
+    if lt == "apo_down":
+        return torch.sigmoid(b * cw) + torch.sigmoid(-b * (cw - cr))
+    if lt == "discopop":
+        x = delta * b
+        mod = torch.sigmoid(x / cfg.discopop_tau)
+        return -ls(x) * (1 - mod) + torch.exp(-x) * mod
+    if lt == "sft":
+        return (-Lw.sum() / n_raw[:P].sum().clamp(min=1)).expand(P)
+    if lt == "simpo":
+        x = b * (Lw / nc[:P] - Ll / nc[P:]) - cfg.simpo_gamma
+        return -ls(x) * (1 - e) - ls(-x) * e
+    if lt == "cpo":
+        x = b * (Lw - Ll)
+        return -ls(x) * (1 - e) - ls(-x) * e
+    if lt == "dpop":
+        return -ls(b * (cw - cr - cfg.dpop_lambda * torch.relu(Rw - Lw)))
+    if lt == "rdpo":
+        return -ls(b * (cw - cr) + cfg.rdpo_alpha * (n_raw[:P] - n_raw[P:]))
+    raise ValueError(f"unknown loss_type {lt!r}")
+
+
 def reference_pair_loss(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: PreferenceLossConfig,
-                        anchor: Optional[Tensor] = None, bco_delta: Optional[Tensor] = None) -> Tensor:
-    """The batch loss, written as TRL writes each formula; differentiate it with autograd."""
+                        anchor: Optional[Tensor] = None, bco_delta: Optional[Tensor] = None,
+                        *, seq_stats=None) -> Tensor:
+    """The batch loss, written as TRL 1.16 writes each formula (multi-loss sum, f-divergence scores, WPO
+    weights); differentiate it with autograd. ``seq_stats`` (:class:`spo_kernels.output.SequenceStats`) is
+    needed for ``use_weighting``."""
     P = L.shape[0] // 2
     n_raw = n.to(L.dtype)
     nc = n_raw.clamp(min=1)
-    b, e = cfg.beta, cfg.label_smoothing
-    lt = cfg.loss_type
-    if R is None or cfg.reference_free or lt in REFERENCE_FREE_LOSSES:
+    if R is None or cfg.reference_free:  # simpo / cpo / sft never read R
         R = torch.zeros_like(L)
-    Lw, Ll, Rw, Rl = L[:P], L[P:], R[:P], R[P:]
-    if lt in MEAN_BASIS_LOSSES:
-        Lw, Ll, Rw, Rl = Lw / nc[:P], Ll / nc[P:], Rw / nc[:P], Rl / nc[P:]
-    cw, cr = Lw - Rw, Ll - Rl
-    logits = cw - cr
-    ls = F.logsigmoid
-    if lt == "sigmoid":
-        losses = -ls(b * logits) * (1 - e) - ls(-b * logits) * e
-    elif lt == "robust":
-        losses = (-ls(b * logits) * (1 - e) + ls(-b * logits) * e) / (1 - 2 * e)
-    elif lt == "hinge":
-        losses = torch.relu(1 - b * logits)
-    elif lt == "ipo":
-        losses = (logits - 1 / (2 * b)) ** 2
-    elif lt == "exo_pair":
-        ee = e if e > 0 else 1e-3
-        losses = (b * logits).sigmoid() * (ls(b * logits) - math.log(1 - ee)) + \
-                 (-b * logits).sigmoid() * (ls(-b * logits) - math.log(ee))
-    elif lt == "nca_pair":
-        losses = -ls(b * cw) - 0.5 * ls(-b * cw) - 0.5 * ls(-b * cr)
-    elif lt == "bco_pair":
-        delta = torch.cat([b * cw, b * cr]).mean().detach() if bco_delta is None else bco_delta
-        losses = -ls(b * cw - delta) - ls(-(b * cr - delta))
-    elif lt == "sppo_hard":
-        losses = (cw - 0.5 / b) ** 2 + (cr + 0.5 / b) ** 2
-    # TRL's 1 - sigmoid(u), written sigmoid(-u): the same value, but autograd of "1 - sigmoid" loses the
-    # gradient sig(u) sig(-u) to cancellation once sig(u) rounds near 1 (rel. 1e-3 at u = 30 in float64).
-    elif lt == "apo_zero":
-        losses = torch.sigmoid(-b * cw) + torch.sigmoid(b * cr)
-    elif lt == "apo_down":
-        losses = torch.sigmoid(b * cw) + torch.sigmoid(-b * (cw - cr))
-    elif lt == "discopop":
-        x = logits * b
-        mod = torch.sigmoid(x / cfg.discopop_tau)
-        losses = -ls(x) * (1 - mod) + torch.exp(-x) * mod
-    elif lt == "simpo":
-        x = b * (Lw - Ll) - cfg.simpo_gamma
-        losses = -ls(x) * (1 - e) - ls(-x) * e
-    elif lt == "cpo":
-        x = b * (Lw - Ll)
-        losses = -ls(x) * (1 - e) - ls(-x) * e
-    elif lt == "dpop":
-        losses = -ls(b * (logits - cfg.dpop_lambda * torch.relu(Rw - Lw)))
-    elif lt == "rdpo":
-        losses = -ls(b * logits + cfg.rdpo_alpha * (n_raw[:P] - n_raw[P:]))
-    else:
-        raise ValueError(f"unknown loss_type {lt!r}")
-    loss = losses.mean()
+    R = R.detach().to(L.dtype)
+    if cfg.use_weighting and seq_stats is None:
+        raise ValueError("use_weighting=True (WPO) needs seq_stats")
+    loss = 0.0
+    for lt, weight in zip(cfg.loss_type, cfg.weights):
+        per_pair = _reference_one_loss(lt, L, R, n_raw, cfg, bco_delta)
+        if cfg.use_weighting:
+            per_pair = per_pair * _reference_wpo_weights(L, n, seq_stats)
+        loss = loss + per_pair.mean() * weight
     if cfg.sft_weight > 0:
         loss = loss + cfg.sft_weight * (-L[:P].sum() / n_raw[:P].sum().clamp(min=1))
     if cfg.spo_lambda > 0:
@@ -121,25 +170,22 @@ def reference_pair_loss(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preferen
 
 
 def reference_metrics(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: PreferenceLossConfig,
-                      anchor: Optional[Tensor] = None) -> dict:
-    """The SPEC 6 metrics, as TRL defines them, from detached per-sequence values."""
+                      anchor: Optional[Tensor] = None, *, seq_stats=None) -> dict:
+    """The SPEC 6 metrics, as TRL 1.16 defines them, from detached per-sequence values; the per-token
+    statistics' metrics when ``seq_stats`` is given."""
     L = L.detach()
     P = L.shape[0] // 2
     n_raw = n.to(L.dtype)
     nc = n_raw.clamp(min=1)
-    ref_free = R is None or cfg.reference_free or cfg.loss_type in REFERENCE_FREE_LOSSES
-    R = torch.zeros_like(L) if ref_free else R.detach().to(L.dtype)
-    if cfg.loss_type in MEAN_BASIS_LOSSES:
-        L_b, R_b = L / nc, R / nc
-    else:
-        L_b, R_b = L, R
-    chosen = cfg.beta * (L_b[:P] - R_b[:P])
-    rejected = cfg.beta * (L_b[P:] - R_b[P:])
+    # rewards b (L - R) whenever R is given (TRL's sft logs them too), R = 0 with reference_free=True
+    R = torch.zeros_like(L) if (R is None or cfg.reference_free) else R.detach().to(L.dtype)
+    chosen = cfg.beta * (L[:P] - R[:P])
+    rejected = cfg.beta * (L[P:] - R[P:])
     metrics = {
         "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
         "rewards/margins": (chosen - rejected).mean(),
         "rewards/accuracies": (chosen > rejected).to(L.dtype).mean(),
-        "logps/chosen": L_b[:P].mean(), "logps/rejected": L_b[P:].mean(),
+        "logps/chosen": L[:P].mean(), "logps/rejected": L[P:].mean(),
         "nll": -L[:P].sum() / n_raw[:P].sum().clamp(min=1),
         "count/empty_completions": (n_raw == 0).sum().to(L.dtype),
     }
@@ -148,4 +194,12 @@ def reference_metrics(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preference
         arg = anchor.to(L.dtype) - ch + cfg.spo_margin
         metrics["spo/penalty"] = torch.relu(arg).mean()
         metrics["spo/active_fraction"] = (arg > 0).to(L.dtype).mean()
+    if seq_stats is not None:
+        total, total_w, total_l = n_raw.sum(), n_raw[:P].sum(), n_raw[P:].sum()
+        st = {k: v.to(L.dtype) for k, v in seq_stats._asdict().items()}
+        zero = torch.zeros((), dtype=L.dtype)
+        metrics["entropy"] = st["entropy_sum"].sum() / total if total > 0 else zero
+        metrics["logits/chosen"] = st["mean_logit_sum"][:P].sum() / total_w if total_w > 0 else zero
+        metrics["logits/rejected"] = st["mean_logit_sum"][P:].sum() / total_l if total_l > 0 else zero
+        metrics["mean_token_accuracy"] = st["argmax_hits"][:P].sum() / total_w if total_w > 0 else zero
     return metrics

@@ -52,10 +52,26 @@ def test_environment_variable_selects_backend(monkeypatch):
     assert set(used) == {"torch"}  # the argument wins over the environment
 
 
-def test_bco_running_mean_matches_trl_update():
-    """TRL's RunningMoments over per-step mean rewards: step 1 uses the batch mean, step 2 the mean of
-    the two steps' means."""
+def test_bco_pair_module_is_unshifted_by_default():
+    """TRL 1.16's bco_pair has no reward shift: the module's default equals bco_delta=None."""
     loss_fn = sk.FusedLinearPreferenceLoss(loss_type="bco_pair", backend="torch")
+    b = make_batch(seed=26)
+    ref = torch.zeros(4) - 25.0
+    out = loss_fn(b.hidden, b.weight, b.labels, b.bias, ref_logps=ref)
+    direct = sk.fused_linear_preference_loss(b.hidden, b.weight, b.labels, b.bias, ref_logps=ref,
+                                             loss_type="bco_pair", backend="torch")
+    shifted = sk.fused_linear_preference_loss(b.hidden, b.weight, b.labels, b.bias, ref_logps=ref,
+                                              loss_type="bco_pair", backend="torch", bco_delta=torch.tensor(1.0))
+    torch.testing.assert_close(out.loss, direct.loss)
+    assert abs(float(out.loss - shifted.loss)) > 1e-3 and float(loss_fn.bco_steps) == 0.0
+    with pytest.raises(TypeError, match="bco_running_mean"):
+        sk.FusedLinearPreferenceLoss(loss_type="bco_pair", bco_running_mean="yes")
+
+
+def test_bco_running_mean_matches_trl_update():
+    """Opt-in running mean (TRL's RunningMoments before 1.16) over per-step mean rewards: step 1 uses the
+    batch mean, step 2 the mean of the two steps' means."""
+    loss_fn = sk.FusedLinearPreferenceLoss(loss_type="bco_pair", backend="torch", bco_running_mean=True)
     b1, b2 = make_batch(seed=24), make_batch(seed=25)
     ref = torch.zeros(4) - 25.0
     step_means = []

@@ -235,11 +235,10 @@ def _compare(path, b, opts, spo, out, out64, grads, grads64, anchor, R, counts, 
     # metrics: the same names (SPO ones only with SPO on), values judged against their terms' size
     assert set(out.metrics) == set(out64.metrics)
     assert ("spo/penalty" in out.metrics) == (cfg.spo_lambda > 0)
-    nc = counts.clamp(min=1).double()
-    basis = L64 / nc if cfg.mean_basis else L64
-    size = float(basis.abs().max()) + float((R.double() / nc if cfg.mean_basis else R.double()).abs().max())
-    ref_free = cfg.reference_free or cfg.loss_type in ("simpo", "cpo")
-    Rb = torch.zeros_like(basis) if ref_free else (R.double() / nc if cfg.mean_basis else R.double())
+    # rewards and logps are on the summed log-probs for every loss type (TRL 1.16), R = 0 only if reference_free
+    basis = L64
+    size = float(basis.abs().max()) + float(R.double().abs().max())
+    Rb = torch.zeros_like(basis) if cfg.reference_free else R.double()
     margins = cfg.beta * ((basis[:P] - Rb[:P]) - (basis[P:] - Rb[P:]))
     for name, want in out64.metrics.items():
         got = float(out.metrics[name])

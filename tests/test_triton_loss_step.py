@@ -3,8 +3,10 @@
 Checked against the independent float64 autograd oracle (:mod:`spo_kernels.reference`) and against the
 closed-form torch step (:func:`spo_kernels.losses.preference_loss_step`) on fresh random inputs: every
 loss type and SPO setting, label smoothing, reference-free, sft_weight, bco_pair's delta, empty
-completions, several blocks of pairs, extreme margins, float64 log-probs. Result buffers are poisoned
-with NaN before the kernel runs, so an entry it fails to write fails the test.
+completions, several blocks of pairs, extreme margins, float64 log-probs, the statistics' metrics; and the
+torch fallback for what the kernel does not compute (batch-coupled losses, multi-loss, f-divergences,
+WPO). Result buffers are poisoned with NaN before the kernel runs, so an entry it fails to write fails
+the test.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import torch
 pytest.importorskip("triton")
 
 from spo_kernels import reference as ref  # noqa: E402
-from spo_kernels.config import LOSS_TYPES, PreferenceLossConfig  # noqa: E402
+from spo_kernels.config import F_DIVERGENCE_LOSSES, LOSS_TYPES, PreferenceLossConfig  # noqa: E402
 from spo_kernels.kernels import loss_step as loss_step_mod  # noqa: E402
 from spo_kernels.kernels import triton_helpers  # noqa: E402
-from spo_kernels.kernels.loss_step import loss_step  # noqa: E402
-from spo_kernels.losses import METRIC_NAMES, SPO_METRIC_NAMES, preference_loss_step  # noqa: E402
+from spo_kernels.kernels.loss_step import TRITON_LOSS_TYPES, loss_step, uses_kernel  # noqa: E402
+from spo_kernels.losses import (METRIC_NAMES, SPO_METRIC_NAMES, STAT_METRIC_NAMES,  # noqa: E402
+                                preference_loss_step)
+from spo_kernels.output import SequenceStats  # noqa: E402
 from batches import assert_close_scalar as assert_scalar
 
 LOSS_RTOL = 1e-5   # SPEC 7, fp32
@@ -66,16 +70,27 @@ def reference_anchor(cfg, R, n, P):
     return (Rw / n[:P].clamp(min=1).double() if cfg.spo_normalize == "mean" else Rw).to(R.dtype)
 
 
-def oracle(L, n, R, cfg, anchor=None, bco_delta=None):
+def oracle(L, n, R, cfg, anchor=None, bco_delta=None, seq_stats=None):
     """float64 autograd: (loss, dloss/dL, metrics)."""
     L64 = L.detach().double().requires_grad_(True)
     R64 = None if R is None else R.double()
     a64 = None if anchor is None else anchor.double()
     d64 = None if bco_delta is None else bco_delta.double()
-    loss = ref.reference_pair_loss(L64, n, R64, cfg, a64, d64)
+    loss = ref.reference_pair_loss(L64, n, R64, cfg, a64, d64, seq_stats=seq_stats)
     loss.backward()
-    metrics = ref.reference_metrics(L64.detach(), n, R64, cfg, a64)
+    metrics = ref.reference_metrics(L64.detach(), n, R64, cfg, a64, seq_stats=seq_stats)
     return loss.detach(), L64.grad, metrics
+
+
+def make_seq_stats(L, n, seed=0):
+    """Plausible per-sequence statistic sums (float64 [2P]): WPO weights of order 1."""
+    g = torch.Generator().manual_seed(seed + 500)
+    S = L.shape[0]
+    nf = n.double()
+    return SequenceStats(nf * 3 * torch.rand(S, generator=g, dtype=torch.float64),
+                         L.double() + nf * (0.6 * torch.rand(S, generator=g, dtype=torch.float64) - 0.4),
+                         nf * (torch.randn(S, generator=g, dtype=torch.float64) - 2),
+                         torch.floor(nf * torch.rand(S, generator=g, dtype=torch.float64)))
 
 
 
@@ -86,35 +101,34 @@ def rel_norm(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def expected_metric_names(cfg):
-    """SPEC 6: the SPO metrics exist exactly when spo_lambda > 0."""
-    return tuple(n for n in METRIC_NAMES if cfg.spo_lambda > 0 or n not in SPO_METRIC_NAMES)
+def expected_metric_names(cfg, seq_stats=None):
+    """SPEC 6: the SPO metrics exist exactly when spo_lambda > 0, the statistics' when they are given."""
+    names = tuple(n for n in METRIC_NAMES if cfg.spo_lambda > 0 or n not in SPO_METRIC_NAMES)
+    return names + (STAT_METRIC_NAMES if seq_stats is not None else ())
 
 
-def check_step(step, L, n, R, cfg, anchor=None, bco_delta=None, rtol=LOSS_RTOL, grad_rtol=GRAD_RTOL):
+def check_step(step, L, n, R, cfg, anchor=None, bco_delta=None, rtol=LOSS_RTOL, grad_rtol=GRAD_RTOL,
+               seq_stats=None):
     """The kernel's LossStep against the float64 oracle and the torch closed form."""
     P = L.shape[0] // 2
     acc = torch.promote_types(L.dtype, torch.float32)
     assert step.loss.dim() == 0 and step.loss.dtype == acc
     assert step.grad.shape == (2 * P,) and step.grad.dtype == acc
-    names = expected_metric_names(cfg)
+    names = expected_metric_names(cfg, seq_stats)
     assert tuple(step.metrics) == names
 
-    loss64, grad64, metrics64 = oracle(L, n, R, cfg, anchor, bco_delta)
+    loss64, grad64, metrics64 = oracle(L, n, R, cfg, anchor, bco_delta, seq_stats)
     assert_scalar(step.loss, loss64, rtol, "loss")
     assert rel_norm(step.grad, grad64) <= grad_rtol, (step.grad, grad64)
-    # Differences of large terms (rewards, margins) are judged against the terms' size.
-    nc = n.clamp(min=1).double()
-    basis = L.double() / nc if cfg.mean_basis else L.double()
-    rbasis = torch.zeros_like(basis) if R is None else (R.double() / nc if cfg.mean_basis else R.double())
-    size = float(torch.cat([basis, rbasis]).abs().max())
+    # Differences of large terms (rewards, margins: of summed log-probs) are judged against the terms' size.
+    size = float(torch.cat([L.double(), torch.zeros(1) if R is None else R.double()]).abs().max())
     assert set(metrics64) == set(names)
     for name in names:
-        scale = {"rewards/accuracies": 0.0, "count/empty_completions": 0.0}.get(
+        scale = {"rewards/accuracies": 0.0, "count/empty_completions": 0.0, "mean_token_accuracy": 0.0}.get(
             name, cfg.beta * size if name.startswith("rewards/") else size)
         assert_scalar(step.metrics[name], metrics64[name], rtol, name, scale)
 
-    torch_step = preference_loss_step(L, n, R, cfg, anchor, bco_delta)
+    torch_step = preference_loss_step(L, n, R, cfg, anchor, bco_delta, seq_stats=seq_stats)
     assert_scalar(step.loss, torch_step.loss, rtol, "loss vs torch closed form")
     assert rel_norm(step.grad, torch_step.grad) <= grad_rtol
 
@@ -149,7 +163,7 @@ def test_every_loss_type_and_spo_setting(loss_type, spo):
         assert 0.0 < frac < 1.0, "inputs should have some active and some inactive SPO pairs"
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "exo_pair", "simpo", "cpo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "exo_pair", "simpo", "cpo", "aot", "aot_unpaired"])
 def test_label_smoothing(loss_type):
     cfg = PreferenceLossConfig(loss_type=loss_type, label_smoothing=0.2, beta=0.5)
     L, n, R = make_inputs(7, seed=11)
@@ -166,7 +180,7 @@ def test_reference_free_with_spo_reference_anchor(loss_type):
     check_step(loss_step(L, n, R, cfg, anchor), L, n, R, cfg, anchor)
 
 
-@pytest.mark.parametrize("loss_type", ["simpo", "cpo"])
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "sft"])
 def test_reference_free_losses_without_ref(loss_type):
     cfg = PreferenceLossConfig(loss_type=loss_type, sft_weight=1.0)
     L, n, _ = make_inputs(4, seed=31)
@@ -254,3 +268,90 @@ def test_one_launch_and_views_of_one_buffer(monkeypatch):
     base = step.loss.untyped_storage().data_ptr()
     assert all(m.untyped_storage().data_ptr() == base for m in step.metrics.values())
     check_step(step, L, n, R, cfg, anchor)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TRL 1.16 options: which run in the kernel, which fall back to the torch loss step
+# ---------------------------------------------------------------------------------------------------
+
+FALLBACK_CONFIGS = {
+    "aot": dict(loss_type="aot", label_smoothing=0.1),
+    "aot_unpaired": dict(loss_type="aot_unpaired"),
+    "sft": dict(loss_type="sft", spo_lambda=1.0),
+    "multi_loss": dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[0.8, 1.0, 0.2]),
+    "forward_kl": dict(loss_type="sigmoid", f_divergence_type="forward_kl"),
+    "js_divergence": dict(loss_type="ipo", f_divergence_type="js_divergence"),
+    "alpha_divergence": dict(loss_type="hinge", f_divergence_type="alpha_divergence"),
+    "wpo": dict(loss_type="sigmoid_norm", use_weighting=True),
+}
+
+
+def _launch_counter(monkeypatch):
+    launches = []
+    kernel = loss_step_mod._loss_step_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(loss_step_mod, "_loss_step_kernel", Counting())
+    return launches
+
+
+@pytest.mark.parametrize("name", list(FALLBACK_CONFIGS))
+def test_torch_fallback_for_what_the_kernel_does_not_compute(monkeypatch, name):
+    """No launch, the torch loss step's results, and those match the float64 oracle."""
+    launches = _launch_counter(monkeypatch)
+    cfg = PreferenceLossConfig(beta=0.2, **FALLBACK_CONFIGS[name])
+    assert not uses_kernel(cfg)
+    P = 7
+    L, n, R = make_inputs(P, seed=91, spread=0.5)
+    stats = make_seq_stats(L, n, seed=91)
+    anchor = spo_anchor(cfg, L, n, P, seed=91) if cfg.spo_lambda > 0 else None
+    step = loss_step(L, n, R, cfg, anchor, seq_stats=stats)
+    assert launches == []
+    check_step(step, L, n, R, cfg, anchor, seq_stats=stats)
+
+
+@pytest.mark.parametrize("loss_type", TRITON_LOSS_TYPES)
+def test_kernel_computes_every_per_pair_loss(monkeypatch, loss_type):
+    launches = _launch_counter(monkeypatch)
+    cfg = PreferenceLossConfig(loss_type=loss_type, beta=0.2)
+    assert uses_kernel(cfg)
+    L, n, R = make_inputs(3, seed=93)
+    loss_step(L, n, R, cfg)
+    assert launches == [(1,)]
+    # alpha within 1e-6 of 1 is reverse_kl: still the kernel
+    if loss_type in F_DIVERGENCE_LOSSES:
+        assert uses_kernel(cfg.replace(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm", "ipo"])
+def test_statistics_metrics_with_the_kernel(loss_type):
+    cfg = PreferenceLossConfig(loss_type=loss_type, beta=0.2, spo_lambda=1.0)
+    P = 6
+    L, n, R = make_inputs(P, seed=95, empty=(2, P))
+    stats = make_seq_stats(L, n, seed=95)
+    anchor = spo_anchor(cfg, L, n, P, seed=95)
+    check_step(loss_step(L, n, R, cfg, anchor, seq_stats=stats), L, n, R, cfg, anchor, seq_stats=stats)
+
+
+def test_bco_pair_unshifted_by_default():
+    """TRL 1.16: -logsig(u_w) - logsig(-u_l) with no shift (no batch-mean reward subtracted)."""
+    cfg = PreferenceLossConfig(loss_type="bco_pair", beta=0.3)
+    L, n, R = make_inputs(5, seed=97)
+    R = R - 40.0  # drifted rewards: the batch-mean shift would change the loss by far more than 1e-5
+    step = loss_step(L, n, R, cfg)
+    check_step(step, L, n, R, cfg)
+    uw, ul = 0.3 * (L[:5].double() - R[:5].double()), 0.3 * (L[5:].double() - R[5:].double())
+    want = (-torch.nn.functional.logsigmoid(uw) - torch.nn.functional.logsigmoid(-ul)).mean()
+    assert_scalar(step.loss, want, LOSS_RTOL, "bco_pair")
+
+
+def test_missing_reference_is_an_error():
+    L, n, _ = make_inputs(3, seed=99)
+    with pytest.raises(ValueError, match="ref_logps"):
+        loss_step(L, n, None, PreferenceLossConfig(loss_type="sigmoid"))
+    with pytest.raises(ValueError, match="seq_stats"):
+        loss_step(L, n, L, PreferenceLossConfig(use_weighting=True))

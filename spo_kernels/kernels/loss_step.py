@@ -1,13 +1,23 @@
 """The closed-form loss step (SPEC 3-5) in one Triton launch.
 
-``loss_step(policy_logps [2P], counts [2P], ref_logps [2P] | None, cfg, anchor [P] | None, bco_delta)``
-returns the same :class:`spo_kernels.losses.LossStep` as :func:`spo_kernels.losses.preference_loss_step`
-(same formulas, same metric keys, same gradient ``g_s = dloss/dL_s``: docs/gradient.md §1, docs/losses.md §2-§3,
-docs/spo.md), computed by a single program:
+``loss_step(policy_logps [2P], counts [2P], ref_logps [2P] | None, cfg, anchor [P] | None, bco_delta,
+seq_stats=None)`` returns the same :class:`spo_kernels.losses.LossStep` as
+:func:`spo_kernels.losses.preference_loss_step` (same formulas, same metric keys, same gradient
+``g_s = dloss/dL_s``: docs/gradient.md §1, docs/losses.md §2-§3, docs/spo.md).
 
-- pass 1 (only when a batch total is needed before any gradient: ``sft_weight > 0`` needs the chosen
-  token count, ``bco_pair`` without a given delta needs the batch mean reward) loops over the pairs in
-  blocks of ``BLOCK_P`` and reduces those totals;
+What the kernel handles: one loss type of ``TRITON_LOSS_TYPES`` (every per-pair loss: sigmoid, robust,
+hinge, ipo, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, simpo,
+cpo, dpop, rdpo) with reverse_kl scores, plus ``sft_weight`` and SPO. Everything else goes to the torch
+loss step (:func:`spo_kernels.losses.preference_loss_step`, O(P) tensor ops, the same results): the
+batch-coupled losses ``aot``, ``aot_unpaired`` (a sort of the batch) and ``sft`` (a loss type), a list of
+loss types (multi-loss), an f-divergence other than reverse_kl, and ``use_weighting`` (WPO).
+:func:`uses_kernel` says which. The per-token statistics' metrics (``seq_stats``) are four token means
+added by the same torch helper either way.
+
+The kernel is a single program:
+
+- pass 1 (only when ``sft_weight > 0``: the chosen token count is needed before any gradient) loops
+  over the pairs in blocks of ``BLOCK_P`` and reduces it;
 - pass 2 loops over the pairs again, writes ``g`` for the chosen and rejected sequence of each pair and
   accumulates the loss and metric sums per lane, reduced once at the end.
 
@@ -29,10 +39,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..losses import METRIC_NAMES, SPO_METRIC_NAMES, LossStep
+from ..config import BATCH_COUPLED_LOSSES, LOSS_TYPES, MEAN_BASIS_LOSSES
+from ..losses import (METRIC_NAMES, SPO_METRIC_NAMES, LossStep, check_seq_stats, preference_loss_step,
+                      sequence_stat_metrics)
 from . import triton_helpers as TH
 
 Tensor = torch.Tensor
+
+# The loss types the kernel computes (a single one, reverse_kl scores, no WPO); see uses_kernel.
+TRITON_LOSS_TYPES = tuple(lt for lt in LOSS_TYPES if lt not in BATCH_COUPLED_LOSSES)
 
 # Largest block of pairs per loop step (tests lower it to exercise several blocks).
 MAX_BLOCK_P = 256
@@ -72,14 +87,14 @@ def _sigmoid(x):
 @triton.jit
 def _expm1_minus_x(a):
     """``expm1(a) - a`` for |a| <= 1/2 without cancellation: ``a^2 sum_(k>=2) a^(k-2) / k!`` to k = 17
-    (float64-accurate; :func:`spo_kernels.losses.expm1_minus_x`)."""
+    (float64-accurate; :func:`spo_kernels.loss_formulas.expm1_minus_x`)."""
     return a * a * (0.5 + a * (0.16666666666666666 + a * (0.041666666666666664 + a * (0.008333333333333333 + a * (0.001388888888888889 + a * (0.0001984126984126984 + a * (2.48015873015873e-05 + a * (2.7557319223985893e-06 + a * (2.755731922398589e-07 + a * (2.505210838544172e-08 + a * (2.08767569878681e-09 + a * (1.6059043836821613e-10 + a * (1.1470745597729725e-11 + a * (7.647163731819816e-13 + a * (4.779477332387385e-14 + a * (2.8114572543455206e-15))))))))))))))))
 
 
 @triton.jit
 def _log1p_minus_x(w):
     """``log1p(w) - w`` for |w| <= 1/3 without cancellation: ``s = w / (2 + w)``,
-    ``-2 s^2 / (1 - s) + 2 (atanh(s) - s)`` (:func:`spo_kernels.losses.log1p_minus_x`)."""
+    ``-2 s^2 / (1 - s) + 2 (atanh(s) - s)`` (:func:`spo_kernels.loss_formulas.log1p_minus_x`)."""
     s = w / (2.0 + w)
     s2 = s * s
     return -2.0 * s2 / (1.0 - s) + 2.0 * s2 * s * (0.3333333333333333 + s2 * (0.2 + s2 * (0.14285714285714285 + s2 * (0.1111111111111111 + s2 * (0.09090909090909091 + s2 * (0.07692307692307693 + s2 * (0.06666666666666667 + s2 * (0.058823529411764705 + s2 * (0.05263157894736842 + s2 * (0.047619047619047616 + s2 * (0.043478260869565216)))))))))))
@@ -87,7 +102,7 @@ def _log1p_minus_x(w):
 
 @triton.jit
 def _exo_kl(x, exo_log_1me, exo_log_e):
-    """EXO's ``KL(Bern(sig(x)) || Bern(1 - e))``, stable at its optimum (:func:`spo_kernels.losses.exo_kl`):
+    """EXO's ``KL(Bern(sig(x)) || Bern(1 - e))``, stable at its optimum (:func:`spo_kernels.loss_formulas.exo_kl`):
     near ``x* = log(1-e) - log e`` the Bregman form of softplus, elsewhere the direct one."""
     direct = _sigmoid(x) * (_logsigmoid(x) - exo_log_1me) + _sigmoid(-x) * (_logsigmoid(-x) - exo_log_e)
     d = x - (exo_log_1me - exo_log_e)
@@ -120,7 +135,8 @@ def _load_ref_pair(ref_ptr, i, P, valid, HAS_REF: tl.constexpr, ACC: tl.constexp
 def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, rdpo_a, tau,
                exo_log_1me, exo_log_e, LOSS: tl.constexpr):
     """Per-pair base loss and its derivatives ``(loss_i, dloss_i/dpw, dloss_i/dpl)`` on the loss's basis
-    (``p``, ``r``: sums, or per-token means for ipo / simpo). Mirrors :mod:`spo_kernels.losses`."""
+    (``p``, ``r``: sums, or per-token means for ipo / sigmoid_norm / simpo). Mirrors
+    :mod:`spo_kernels.loss_formulas`."""
     D = (pw - rw) - (pl - rl)
     x = beta * D
     if LOSS == "sigmoid":
@@ -147,6 +163,12 @@ def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, 
         loss = u * u
         dpw = 2.0 * u
         dpl = -2.0 * u
+    elif LOSS == "sigmoid_norm":
+        # -logsig(b (c/n_w - r/n_l)) on per-token means
+        loss = -_logsigmoid(x)
+        dx = -_sigmoid(-x)
+        dpw = beta * dx
+        dpl = -beta * dx
     elif LOSS == "exo_pair":
         # sig(x)(logsig(x) - log(1-e)) + sig(-x)(logsig(-x) - log e), stable at its optimum (_exo_kl);
         # d/dx = sig(x) sig(-x) (x - log(1-e) + log e)
@@ -162,7 +184,7 @@ def _base_loss(pw, pl, rw, rl, nw_raw, nl_raw, bco_d, beta, eps, gamma, dpop_k, 
         dpw = beta * (-_sigmoid(-uw) + 0.5 * _sigmoid(uw))
         dpl = beta * (0.5 * _sigmoid(ul))
     elif LOSS == "bco_pair":
-        # -logsig(u_w - d) - logsig(-(u_l - d)),  d = batch mean reward (or given)
+        # -logsig(u_w - d) - logsig(-(u_l - d)),  d = 0 (TRL 1.16) or the given shift
         uw = beta * (pw - rw) - bco_d
         ul = beta * (pl - rl) - bco_d
         loss = -_logsigmoid(uw) - _logsigmoid(-ul)
@@ -250,31 +272,23 @@ def _loss_step_kernel(
     sft_weight, spo_lambda, spo_margin,
     LOSS: tl.constexpr, MEAN_BASIS: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_BCO_DELTA: tl.constexpr, USE_SFT: tl.constexpr, USE_SPO: tl.constexpr, SPO_MEAN: tl.constexpr,
-    NEED_TOTALS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     lanes = tl.arange(0, BLOCK_P)
     zero = tl.zeros([BLOCK_P], ACC)
     # 1/P in ACC (P may arrive as a constexpr when it is 1, so no P.to(...)).
     inv_P = 1.0 / (tl.sum(zero, axis=0) + P)
 
-    # ---- pass 1: batch totals needed before any gradient -----------------------------------------
+    # ---- pass 1: the chosen token count, needed by the SFT term before any gradient ----------------
     chosen_tokens = 1.0
     bco_d = 0.0
-    if NEED_TOTALS:
+    if USE_SFT:
         tok_acc = zero
-        rew_acc = zero
         for p0 in range(0, P, BLOCK_P):
             i = p0 + lanes
             valid = i < P
-            nw_raw = tl.load(counts_ptr + i, mask=valid, other=0).to(ACC)
-            tok_acc += nw_raw
-            if LOSS == "bco_pair":
-                Lw, Ll = _load_pair(policy_ptr, i, P, valid, ACC)
-                Rw, Rl = _load_ref_pair(ref_ptr, i, P, valid, HAS_REF, ACC)
-                # u = b (p - r): bco_pair is on the summed basis
-                rew_acc += tl.where(valid, beta * (Lw - Rw) + beta * (Ll - Rl), 0.0)
+            tok_acc += tl.load(counts_ptr + i, mask=valid, other=0).to(ACC)
         chosen_tokens = tl.maximum(tl.sum(tok_acc, axis=0), 1.0)
-        bco_d = tl.sum(rew_acc, axis=0) * (0.5 * inv_P)  # mean over the 2P rewards
     if HAS_BCO_DELTA:
         bco_d = tl.load(bco_delta_ptr).to(ACC)
 
@@ -284,9 +298,8 @@ def _loss_step_kernel(
     rew_l_acc = zero
     margin_acc = zero
     correct_acc = zero
-    pw_acc = zero
-    pl_acc = zero
     Lw_acc = zero
+    Ll_acc = zero
     nw_acc = zero
     pen_acc = zero
     active_acc = zero
@@ -299,7 +312,7 @@ def _loss_step_kernel(
         nw = tl.maximum(nw_raw, 1.0)  # an empty completion counts as length 1 (SPEC 7)
         nl = tl.maximum(nl_raw, 1.0)
         Rw, Rl = _load_ref_pair(ref_ptr, i, P, valid, HAS_REF, ACC)
-        # basis: per-token means for ipo / simpo (chain rule d/dL = d/dp / n), sums otherwise
+        # basis: per-token means for ipo / sigmoid_norm / simpo (chain rule d/dL = d/dp / n), sums otherwise
         if MEAN_BASIS:
             scale_w = 1.0 / nw
             scale_l = 1.0 / nl
@@ -336,16 +349,16 @@ def _loss_step_kernel(
         tl.store(grad_ptr + i, gw, mask=valid)
         tl.store(grad_ptr + P + i, gl, mask=valid)
 
-        rew_w = beta * (pw - rw)
-        rew_l = beta * (pl - rl)
+        # TRL 1.16: rewards b (L - R) and logps on the summed log-probs, for every loss type
+        rew_w = beta * (Lw - Rw)
+        rew_l = beta * (Ll - Rl)
         loss_acc += tl.where(valid, loss_i, 0.0)
         rew_w_acc += tl.where(valid, rew_w, 0.0)
         rew_l_acc += tl.where(valid, rew_l, 0.0)
         margin_acc += tl.where(valid, rew_w - rew_l, 0.0)
         correct_acc += tl.where(valid & (rew_w > rew_l), 1.0, 0.0)
-        pw_acc += tl.where(valid, pw, 0.0)
-        pl_acc += tl.where(valid, pl, 0.0)
         Lw_acc += tl.where(valid, Lw, 0.0)
+        Ll_acc += tl.where(valid, Ll, 0.0)
         nw_acc += nw_raw  # masked lanes loaded 0
         empty_acc += tl.where(valid & (nw_raw == 0), 1.0, 0.0) + tl.where(valid & (nl_raw == 0), 1.0, 0.0)
 
@@ -366,8 +379,8 @@ def _loss_step_kernel(
     tl.store(result_ptr + 2, tl.sum(rew_l_acc, axis=0) * inv_P)    # rewards/rejected
     tl.store(result_ptr + 3, tl.sum(margin_acc, axis=0) * inv_P)   # rewards/margins
     tl.store(result_ptr + 4, tl.sum(correct_acc, axis=0) * inv_P)  # rewards/accuracies
-    tl.store(result_ptr + 5, tl.sum(pw_acc, axis=0) * inv_P)       # logps/chosen
-    tl.store(result_ptr + 6, tl.sum(pl_acc, axis=0) * inv_P)       # logps/rejected
+    tl.store(result_ptr + 5, tl.sum(Lw_acc, axis=0) * inv_P)       # logps/chosen
+    tl.store(result_ptr + 6, tl.sum(Ll_acc, axis=0) * inv_P)       # logps/rejected
     tl.store(result_ptr + 7, nll)                                  # nll
     tl.store(result_ptr + 8, penalty)                              # spo/penalty
     tl.store(result_ptr + 9, active_fraction)                      # spo/active_fraction
@@ -382,15 +395,25 @@ def _block_p(num_pairs: int) -> int:
     return max(16, min(triton.next_power_of_2(num_pairs), MAX_BLOCK_P))
 
 
-def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None, bco_delta=None) -> LossStep:
-    """Per-pair losses, the batch loss, ``g_s = dloss/dL_s`` and the metrics, in one kernel launch.
+def uses_kernel(cfg) -> bool:
+    """True when the kernel computes ``cfg``'s loss step; otherwise :func:`loss_step` runs the torch loss step
+    (batch-coupled losses, multi-loss, f-divergences, WPO: see the module docstring)."""
+    return (cfg.single_loss_type in TRITON_LOSS_TYPES and cfg.f_divergence_is_identity
+            and not cfg.use_weighting)
+
+
+def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None, bco_delta=None, *,
+              seq_stats=None) -> LossStep:
+    """Per-pair losses, the batch loss, ``g_s = dloss/dL_s`` and the metrics, in one kernel launch (or the torch
+    loss step where :func:`uses_kernel` is False).
 
     Args and result: as :func:`spo_kernels.losses.preference_loss_step`: ``policy_logps [2P]`` summed
     completion log-probs (chosen first), ``counts [2P]`` completion lengths, ``ref_logps [2P]`` or None,
     ``anchor [P]`` (per-token or summed per ``cfg.spo_normalize``; needed when ``spo_lambda > 0``, which is also
     when the SPO metrics exist),
-    ``bco_delta`` a scalar tensor or None (batch mean). Returns :class:`LossStep` with ``loss`` (0-d),
-    ``grad [2P]`` and the metrics (0-d views of one result buffer), fp32 (float64 for float64 log-probs).
+    ``bco_delta`` a scalar tensor or None (no shift), ``seq_stats`` the per-token statistics' sums or None.
+    Returns :class:`LossStep` with ``loss`` (0-d), ``grad [2P]`` and the metrics (0-d views of one result
+    buffer, plus the statistics' metrics when ``seq_stats`` is given), fp32 (float64 for float64 log-probs).
     """
     if policy_logps.dim() != 1 or policy_logps.shape[0] % 2 != 0 or policy_logps.shape[0] == 0:
         raise ValueError(f"policy_logps must be [2P] with P >= 1, got shape {tuple(policy_logps.shape)}")
@@ -398,14 +421,20 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
     P = S // 2
     if tuple(counts.shape) != (S,):
         raise ValueError(f"counts must be [{S}], got {tuple(counts.shape)}")
+    check_seq_stats(seq_stats, S, cfg)
+    if not uses_kernel(cfg):
+        return preference_loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta, seq_stats=seq_stats)
     device = policy_logps.device
     acc_torch = torch.promote_types(policy_logps.dtype, torch.float32)
     if acc_torch not in (torch.float32, torch.float64):
         raise TypeError(f"policy_logps must be a float tensor, got {policy_logps.dtype}")
     acc_tl = tl.float64 if acc_torch == torch.float64 else tl.float32
 
-    ref_free = cfg.base_reference_free
-    has_ref = ref_logps is not None and not ref_free
+    loss_type = cfg.single_loss_type
+    if ref_logps is None and not cfg.base_reference_free:
+        raise ValueError(f"loss_type {list(cfg.loss_type)} needs ref_logps (or reference_free=True)")
+    # R feeds the rewards whenever given (simpo / cpo never read it), R = 0 with reference_free=True.
+    has_ref = ref_logps is not None and not cfg.reference_free
     if has_ref and tuple(ref_logps.shape) != (S,):
         raise ValueError(f"ref_logps must be [{S}], got {tuple(ref_logps.shape)}")
     # SPO (penalty, gradient and its two metrics) only when spo_lambda > 0 (SPEC 6).
@@ -414,7 +443,7 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
         raise ValueError("spo_lambda > 0 needs the SPO anchor [P] (from the reference log-probs or given)")
     if use_spo and tuple(anchor.shape) != (P,):
         raise ValueError(f"anchor must be [{P}], got {tuple(anchor.shape)}")
-    has_bco_delta = cfg.loss_type == "bco_pair" and bco_delta is not None
+    has_bco_delta = loss_type == "bco_pair" and bco_delta is not None
     if has_bco_delta and bco_delta.numel() != 1:
         raise ValueError(f"bco_delta must be a scalar tensor, got shape {tuple(bco_delta.shape)}")
 
@@ -425,8 +454,6 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
     anchor_c = anchor.detach().contiguous() if use_spo else policy
     bco_c = bco_delta.detach().reshape(1) if has_bco_delta else policy
 
-    use_sft = cfg.sft_weight > 0
-    bco_batch_mean = cfg.loss_type == "bco_pair" and not has_bco_delta  # pass 1 needs the mean reward
     grad = TH.empty((S,), acc_torch, device)
     result = TH.empty((len(_RESULT_SLOTS),), acc_torch, device)
     with TH.device_guard(policy):
@@ -435,11 +462,12 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
             float(cfg.beta), float(cfg.label_smoothing), float(cfg.simpo_gamma), float(cfg.dpop_lambda),
             float(cfg.rdpo_alpha), float(cfg.discopop_tau), math.log1p(-exo_e), math.log(exo_e),
             float(cfg.sft_weight), float(cfg.spo_lambda), float(cfg.spo_margin),
-            LOSS=cfg.loss_type, MEAN_BASIS=cfg.mean_basis, HAS_REF=has_ref,
-            HAS_BCO_DELTA=has_bco_delta, USE_SFT=use_sft, USE_SPO=use_spo,
-            SPO_MEAN=cfg.spo_normalize == "mean", NEED_TOTALS=use_sft or bco_batch_mean, ACC=acc_tl,
-            BLOCK_P=_block_p(P), num_warps=4,
+            LOSS=loss_type, MEAN_BASIS=loss_type in MEAN_BASIS_LOSSES, HAS_REF=has_ref,
+            HAS_BCO_DELTA=has_bco_delta, USE_SFT=cfg.sft_weight > 0, USE_SPO=use_spo,
+            SPO_MEAN=cfg.spo_normalize == "mean", ACC=acc_tl, BLOCK_P=_block_p(P), num_warps=4,
         )
     metrics = {name: result[_RESULT_SLOTS.index(name)] for name in METRIC_NAMES
                if use_spo or name not in SPO_METRIC_NAMES}
+    if seq_stats is not None:
+        metrics.update(sequence_stat_metrics(seq_stats, counts, acc_torch))
     return LossStep(loss=result[0], grad=grad, metrics=metrics)
