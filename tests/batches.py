@@ -299,14 +299,13 @@ def _assert_metrics(out, want, cfg, anchor, rel):
     L, n = want.policy_logps.double(), want.counts.clamp(min=1).double()
     R = torch.zeros_like(L) if want.ref_logps is None else want.ref_logps.double()
     P = L.shape[0] // 2
-    Lb, Rb = (L / n, R / n) if cfg.mean_basis else (L, R)
-    size = float(Lb.abs().max() + Rb.abs().max())
-    if cfg.base_reference_free:
-        Rb = torch.zeros_like(Rb)
-    margins = cfg.beta * ((Lb[:P] - Rb[:P]) - (Lb[P:] - Rb[P:]))
+    # rewards are b (L - R) on summed log-probs for every loss type (TRL 1.16), R = 0 when reference_free
+    size = float(L.abs().max() + R.abs().max())
+    Rr = torch.zeros_like(R) if cfg.reference_free else R
+    margins = cfg.beta * ((L[:P] - Rr[:P]) - (L[P:] - Rr[P:]))
     tie = bool((margins.abs() < 1e-4 * max(cfg.beta * size, 1e-6)).any())
     # the size of the log-probs each metric is made of: its error is a relative error of those
-    scales = {"logps/chosen": float(Lb.abs().max()), "logps/rejected": float(Lb.abs().max()),
+    scales = {"logps/chosen": float(L.abs().max()), "logps/rejected": float(L.abs().max()),
               "nll": float((L / n).abs().max())}
     if cfg.spo_lambda > 0:
         chosen = L[:P] / n[:P] if cfg.spo_normalize == "mean" else L[:P]
@@ -322,5 +321,5 @@ def _assert_metrics(out, want, cfg, anchor, rel):
             continue
         if name in ("rewards/accuracies", "spo/active_fraction"):
             continue  # the oracle sits at a tie / the relu's kink: either side is right
-        scale = cfg.beta * size if name.startswith("rewards/") else scales[name]
+        scale = cfg.beta * size if name.startswith("rewards/") else scales.get(name, size)
         assert abs(got - exp) <= 2 * rel * max(abs(exp), scale) + 1e-7, f"{name}: {got} vs {exp}"

@@ -35,8 +35,8 @@ from batches import IGNORE, assert_matches_reference, make_batch, pack, packed_l
 
 pytest.importorskip("triton")
 from spo_kernels.backends.cpu import extension_available  # noqa: E402
+from spo_kernels.config import SMOOTHED_LOSSES as SMOOTHED  # noqa: E402
 
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo", "cpo")  # losses with a label-smoothing term
 LINEAR_ONLY = ("bias", "frozen_head")
 LOGITS_ONLY = ("inplace",)
 NA = "n/a"  # the value of a factor that means nothing in a case (a logits-only option on the linear path)
