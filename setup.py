@@ -14,12 +14,18 @@ from setuptools import setup
 
 EXT_NAME = "spo_kernels._cpu"
 SOURCES = [
-    "csrc/spo_cpu.cpp",
+    "csrc/bindings.cpp",
+    "csrc/checks.cpp",
+    "csrc/isa.cpp",
+    "csrc/token_state.cpp",
+    "csrc/logits.cpp",
+    "csrc/linear.cpp",
+    "csrc/linear_frozen.cpp",
     "csrc/row_kernels_generic.cpp",
     "csrc/row_kernels_avx2.cpp",
     "csrc/row_kernels_avx512.cpp",
 ]
-HEADERS = ["csrc/row_kernels.h", "csrc/row_kernels_api.h"]  # rebuild triggers; shipped in sdists
+HEADERS = ["csrc/checks.h", "csrc/ops.h", "csrc/linear_blocks.h", "csrc/row_kernels.h", "csrc/row_kernels_api.h"]  # rebuild triggers; shipped in sdists
 
 
 def _warn(msg: str) -> None:

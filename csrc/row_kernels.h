@@ -1,13 +1,13 @@
 // Per-row kernels of the cpu backend: plain C++ on raw pointers, no torch headers.
 //
 // This header is compiled several times, once per instruction set (row_kernels_*.cpp set the
-// target and SPO_ISA, the namespace), and spo_cpu.cpp picks the best table at run time. The hot
+// target and SPO_ISA, the namespace), and isa.cpp picks the best table at run time. The hot
 // loops are written for the auto-vectorizer (`#pragma omp simd`, branch-free bodies, an exp built
 // from arithmetic and bit operations), so the same source becomes SSE2, AVX2 or AVX-512 code.
 //
 // Row layout: row i of a call is at `base + (rows ? rows[i] : i) * stride` (elements) and has n
 // columns, which are columns [col0, col0 + n) of the full vocabulary. Accumulator type A is double
-// for double input and float otherwise; m, s, zt, lse, g arrays are A.
+// for double input and float otherwise; the RowState arrays (but arg), lse and g are A.
 
 #ifndef SPO_ISA
 #error "define SPO_ISA (the namespace of this instruction-set variant) before including row_kernels.h"
@@ -117,77 +117,152 @@ inline float ftanh(float x) {
 }
 inline double ftanh(double x) { return std::tanh(x); }
 
-// SPEC 2's transform z -> cap * tanh(z / cap) (when Cap), then z / temperature (times inv_t).
+// SPEC 2's transform folded into constants: with softcap (Cap), z = post * tanh(x * pre) with
+// pre = multiplier / cap and post = cap / temperature, dz/dx = slope * (1 - tanh^2) with
+// slope = multiplier / temperature; without, z = x * post and dz/dx = post with
+// post = multiplier / temperature.
+template <typename A>
+struct XformConsts {
+  A pre, post, slope;
+  XformConsts(const Xform& xf, bool cap)
+      : pre(cap ? A(xf.multiplier / xf.cap) : A(0)),
+        post(cap ? A(xf.cap * xf.inv_t) : A(xf.multiplier * xf.inv_t)),
+        slope(A(xf.multiplier * xf.inv_t)) {}
+};
+
 template <bool Cap, typename A>
-inline A xform(A v, A cap, A inv_cap, A inv_t) {
-  if (Cap) v = cap * ftanh(v * inv_cap);
-  return v * inv_t;
+inline A xform(A v, const XformConsts<A>& k) {
+  if (Cap) return k.post * ftanh(v * k.pre);
+  return v * k.post;
 }
-// The same, also returning d(out)/d(v).
+// The same, also returning dz/dx.
 template <bool Cap, typename A>
-inline A xform_chain(A v, A cap, A inv_cap, A inv_t, A& chain) {
+inline A xform_chain(A v, const XformConsts<A>& k, A& chain) {
   if (Cap) {
-    A t = ftanh(v * inv_cap);
-    chain = (A(1) - t * t) * inv_t;
-    return cap * t * inv_t;
+    A t = ftanh(v * k.pre);
+    chain = (A(1) - t * t) * k.slope;
+    return k.post * t;
   }
-  chain = inv_t;
-  return v * inv_t;
+  chain = k.post;
+  return v * k.post;
 }
 
-// ---- forward: online log-sum-exp -------------------------------------------------------------
+// ---- forward: online log-sum-exp (and, when Stats, the statistics of RowState) --------------
 
 constexpr int64_t kChunk = 2048;  // columns per L1-resident chunk
 
-template <typename T, bool Cap>
+template <typename T, bool Cap, bool Stats>
 void lse_rows_impl(const void* base_, const int64_t* rows, int64_t stride, int64_t n, int64_t r0, int64_t r1,
-                   const int64_t* targets, int64_t col0, double cap_, double inv_t_, void* m_, void* s_,
-                   void* zt_) {
+                   const int64_t* targets, int64_t col0, const Xform& xf, const RowState& st) {
   using A = typename AccOf<T>::type;
   using E = Elem<T, A>;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const T* base = static_cast<const T*>(base_);
-  A* m = static_cast<A*>(m_);
-  A* s = static_cast<A*>(s_);
-  A* zt = static_cast<A*>(zt_);
-  const A cap = A(cap_), inv_cap = Cap ? A(1) / A(cap_) : A(0), inv_t = A(inv_t_);
+  A* m = static_cast<A*>(st.m);
+  A* s = static_cast<A*>(st.s);
+  A* zt = static_cast<A*>(st.zt);
+  A* u = static_cast<A*>(st.u);
+  A* q = static_cast<A*>(st.q);
+  A* zsum = static_cast<A*>(st.zsum);
+  const XformConsts<A> k(xf, Cap);
   alignas(64) A buf[kChunk];
   for (int64_t i = r0; i < r1; ++i) {
     const T* x = base + (rows ? rows[i] : i) * stride;
     A mi = m[i], si = s[i];
+    A ui = 0, qi = 0, zi = 0;
+    int64_t ai = 0;
+    if (Stats) ui = u[i], qi = q[i], zi = zsum[i], ai = st.arg[i];
     for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
       const int64_t len = n - c0 < kChunk ? n - c0 : kChunk;
       const T* xc = x + c0;
-      A cm = -std::numeric_limits<A>::infinity();
+      A cm = kNegInf;
 #pragma omp simd reduction(max : cm)
       for (int64_t j = 0; j < len; ++j) {
-        A v = xform<Cap>(E::load(xc + j), cap, inv_cap, inv_t);
+        A v = xform<Cap>(E::load(xc + j), k);
         buf[j] = v;
         cm = v > cm ? v : cm;
       }
-      if (cm > mi) {
-        si = si * std::exp(mi - cm);
+      const bool new_max = cm > mi;
+      if (new_max) {
+        const A r = std::exp(mi - cm);  // 0 while mi is -inf
+        if (Stats) {
+          // Relative to the new max: e' = r e and (z - m') = (z - m) + (m - m').
+          ui = si > 0 ? r * (ui + (mi - cm) * si) : A(0);
+          qi = qi * r * r;
+        }
+        si = si * r;
         mi = cm;
       }
-      if (mi == -std::numeric_limits<A>::infinity()) continue;  // nothing but -inf so far
+      if (mi == kNegInf) {  // nothing but -inf (or NaN) so far: no exponentials to add
+        if (Stats) {
+          A cz = 0;
+#pragma omp simd reduction(+ : cz)
+          for (int64_t j = 0; j < len; ++j) cz += buf[j];
+          zi += cz;
+        }
+        continue;
+      }
       A cs = 0;
+      if (Stats) {
+        // One pass for all the sums; when this chunk raised the max, also the first column holding it
+        // (earlier chunks' ties keep theirs).
+        A cu = 0, cq = 0, cz = 0;
+        int64_t first = len;
+        if (new_max) {
+#pragma omp simd reduction(+ : cs, cu, cq, cz) reduction(min : first)
+          for (int64_t j = 0; j < len; ++j) {
+            const A d = buf[j] - mi;
+            const A e = fexp(d);
+            cs += e;
+            cu += e > 0 ? e * d : A(0);  // a -inf logit has e = 0 and adds 0, not 0 * -inf
+            cq += e * e;
+            cz += buf[j];
+            first = (buf[j] == mi && j < first) ? j : first;
+          }
+          ai = col0 + c0 + first;
+        } else {
+#pragma omp simd reduction(+ : cs, cu, cq, cz)
+          for (int64_t j = 0; j < len; ++j) {
+            const A d = buf[j] - mi;
+            const A e = fexp(d);
+            cs += e;
+            cu += e > 0 ? e * d : A(0);
+            cq += e * e;
+            cz += buf[j];
+          }
+        }
+        ui += cu;
+        qi += cq;
+        zi += cz;
+      } else {
 #pragma omp simd reduction(+ : cs)
-      for (int64_t j = 0; j < len; ++j) cs += fexp(buf[j] - mi);
+        for (int64_t j = 0; j < len; ++j) cs += fexp(buf[j] - mi);
+      }
       si += cs;
     }
     m[i] = mi;
     s[i] = si;
+    if (Stats) u[i] = ui, q[i] = qi, zsum[i] = zi, st.arg[i] = ai;
     const int64_t t = targets[i] - col0;
-    if (t >= 0 && t < n) zt[i] = xform<Cap>(E::load(x + t), cap, inv_cap, inv_t);
+    if (t >= 0 && t < n) zt[i] = xform<Cap>(E::load(x + t), k);
   }
 }
 
 template <typename T>
 void lse_rows(const void* base, const int64_t* rows, int64_t stride, int64_t n, int64_t r0, int64_t r1,
-              const int64_t* targets, int64_t col0, double cap, double inv_t, void* m, void* s, void* zt) {
-  if (cap > 0)
-    lse_rows_impl<T, true>(base, rows, stride, n, r0, r1, targets, col0, cap, inv_t, m, s, zt);
-  else
-    lse_rows_impl<T, false>(base, rows, stride, n, r0, r1, targets, col0, cap, inv_t, m, s, zt);
+              const int64_t* targets, int64_t col0, const Xform& xf, const RowState& st) {
+  const bool stats = st.u != nullptr;
+  if (xf.cap > 0) {
+    if (stats)
+      lse_rows_impl<T, true, true>(base, rows, stride, n, r0, r1, targets, col0, xf, st);
+    else
+      lse_rows_impl<T, true, false>(base, rows, stride, n, r0, r1, targets, col0, xf, st);
+  } else {
+    if (stats)
+      lse_rows_impl<T, false, true>(base, rows, stride, n, r0, r1, targets, col0, xf, st);
+    else
+      lse_rows_impl<T, false, false>(base, rows, stride, n, r0, r1, targets, col0, xf, st);
+  }
 }
 
 // ---- backward: g * (onehot(y) - exp(z - lse)) * chain, one pass per row ----------------------
@@ -198,14 +273,14 @@ void lse_rows(const void* base, const int64_t* rows, int64_t stride, int64_t n, 
 template <typename T, bool Cap>
 void grad_rows_impl(const void* xbase_, void* obase_, const int64_t* rows, int64_t sx, int64_t so, int64_t n,
                     int64_t r0, int64_t r1, const int64_t* targets, int64_t col0, const void* lse_,
-                    const void* g_, double cap_, double inv_t_) {
+                    const void* g_, const Xform& xf) {
   using A = typename AccOf<T>::type;
   using E = Elem<T, A>;
   const T* xbase = static_cast<const T*>(xbase_);
   T* obase = static_cast<T*>(obase_);
   const A* lse = static_cast<const A*>(lse_);
   const A* gs = static_cast<const A*>(g_);
-  const A cap = A(cap_), inv_cap = Cap ? A(1) / A(cap_) : A(0), inv_t = A(inv_t_);
+  const XformConsts<A> k(xf, Cap);
   for (int64_t i = r0; i < r1; ++i) {
     const int64_t row = rows ? rows[i] : i;
     const T* x = xbase + row * sx;
@@ -214,18 +289,18 @@ void grad_rows_impl(const void* xbase_, void* obase_, const int64_t* rows, int64
     const int64_t t = targets[i] - col0;
     const bool has_t = t >= 0 && t < n;
     A zt = 0, ct = 0;
-    if (has_t) zt = xform_chain<Cap>(E::load(x + t), cap, inv_cap, inv_t, ct);
+    if (has_t) zt = xform_chain<Cap>(E::load(x + t), k, ct);
     if (Cap) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         A ch;
-        A y = xform_chain<Cap>(E::load(x + j), cap, inv_cap, inv_t, ch);
+        A y = xform_chain<Cap>(E::load(x + j), k, ch);
         E::store(o + j, -g * fexp(y - L) * ch);
       }
     } else {
-      const A gi = -g * inv_t;
+      const A gi = -g * k.post;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) E::store(o + j, gi * fexp(E::load(x + j) * inv_t - L));
+      for (int64_t j = 0; j < n; ++j) E::store(o + j, gi * fexp(E::load(x + j) * k.post - L));
     }
     if (has_t) E::store(o + t, g * (A(1) - fexp(zt - L)) * ct);
   }
@@ -233,12 +308,11 @@ void grad_rows_impl(const void* xbase_, void* obase_, const int64_t* rows, int64
 
 template <typename T>
 void grad_rows(const void* xbase, void* obase, const int64_t* rows, int64_t sx, int64_t so, int64_t n, int64_t r0,
-               int64_t r1, const int64_t* targets, int64_t col0, const void* lse, const void* g, double cap,
-               double inv_t) {
-  if (cap > 0)
-    grad_rows_impl<T, true>(xbase, obase, rows, sx, so, n, r0, r1, targets, col0, lse, g, cap, inv_t);
+               int64_t r1, const int64_t* targets, int64_t col0, const void* lse, const void* g, const Xform& xf) {
+  if (xf.cap > 0)
+    grad_rows_impl<T, true>(xbase, obase, rows, sx, so, n, r0, r1, targets, col0, lse, g, xf);
   else
-    grad_rows_impl<T, false>(xbase, obase, rows, sx, so, n, r0, r1, targets, col0, lse, g, cap, inv_t);
+    grad_rows_impl<T, false>(xbase, obase, rows, sx, so, n, r0, r1, targets, col0, lse, g, xf);
 }
 
 }  // namespace

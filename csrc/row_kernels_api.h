@@ -1,5 +1,6 @@
 // The interface between the per-row kernels (row_kernels.h, compiled once per instruction set) and
-// the torch binding (spo_cpu.cpp). Plain C++: no torch headers here.
+// the torch-side ops (logits.cpp, linear.cpp, linear_frozen.cpp; the variant is chosen in isa.cpp).
+// Plain C++: no torch headers here.
 #pragma once
 
 #include <cstdint>
@@ -9,18 +10,38 @@ namespace spo_cpu {
 // Index of an element type in the tables below.
 enum DTypeIndex : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 
-// Online log-sum-exp over rows [r0, r1): for each row updates the running max m[i] and the sum
-// s[i] = sum exp(z - m[i]) with columns [col0, col0 + n), and stores the transformed target logit
-// in zt[i] when targets[i] falls in those columns. cap <= 0: no softcap.
-using LseFn = void (*)(const void* base, const int64_t* rows, int64_t stride, int64_t n, int64_t r0, int64_t r1,
-                       const int64_t* targets, int64_t col0, double cap, double inv_t, void* m, void* s,
-                       void* zt);
+// SPEC 2's logit transform: z <- multiplier * z, then cap * tanh(z / cap) when cap > 0, then
+// z * inv_t (inv_t = 1 / temperature).
+struct Xform {
+  double multiplier, cap, inv_t;
+};
 
-// out = g * (onehot(target) - exp(z - lse)) * dz/dx for rows [r0, r1), columns [col0, col0 + n);
-// `out` may alias `x`.
+// Per-token arrays of the online log-sum-exp, indexed like the rows of a call (element i of each
+// belongs to row i). m, s, zt, u, q, zsum are of the accumulation type (double for double input,
+// float otherwise).
+struct RowState {
+  void* m;   // running max of the transformed logits
+  void* s;   // sum of exp(z - m)
+  void* zt;  // transformed target logit (set by the call whose columns hold the target)
+  // Statistics (SPEC 8), all null unless asked for; a separate instantiation of the kernel runs
+  // then, so the path without them does no extra work.
+  void* u;       // sum of exp(z - m) * (z - m)   (entropy = log s - u / s)
+  void* q;       // sum of exp(z - m)^2           (log sum p^2 = log q - 2 log s)
+  void* zsum;    // sum of z                      (mean logit = zsum / V)
+  int64_t* arg;  // column of the first maximum   (is_argmax = arg == target)
+};
+
+// Online log-sum-exp over rows [r0, r1): folds columns [col0, col0 + n) of each row into its state:
+// updates m and s (and the statistics when st.u is set), and stores the transformed target logit in
+// zt when targets[i] falls in those columns. Calls for one row must come in increasing col0.
+using LseFn = void (*)(const void* base, const int64_t* rows, int64_t stride, int64_t n, int64_t r0, int64_t r1,
+                       const int64_t* targets, int64_t col0, const Xform& xf, const RowState& st);
+
+// out = g * (onehot(target) - exp(z - lse)) * dz/dx for rows [r0, r1), columns [col0, col0 + n),
+// z the transformed x; `out` may alias `x`.
 using GradFn = void (*)(const void* x, void* out, const int64_t* rows, int64_t sx, int64_t so, int64_t n,
                         int64_t r0, int64_t r1, const int64_t* targets, int64_t col0, const void* lse,
-                        const void* g, double cap, double inv_t);
+                        const void* g, const Xform& xf);
 
 struct KernelTable {
   const char* isa;

@@ -8,13 +8,25 @@ No autograd graph over the vocabulary exists.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Optional
 
 import torch
 
 from .backends import Backend
+from .kernels.types import KernelOptions, LogitTransform
 from .layout import TokenPlan
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast off on ``device``'s type when it is on (else a no-op): the backends choose
+    their own precisions (fp32 accumulation, fp32 GEMMs for 16-bit heads on CPU), which autocast would
+    lower; the API casts the head's operands to the autocast dtype beforehand (SPEC 6)."""
+    device_type = device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _storage_use_count(t: torch.Tensor) -> Optional[int]:
@@ -80,19 +92,24 @@ class LogitsSequenceLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, plan: TokenPlan, backend: Backend, softcap, temperature, inplace: bool):
+    def forward(ctx, logits, plan: TokenPlan, backend: Backend, transform: LogitTransform, options: KernelOptions,
+                stats_sink: Optional[list] = None):
+        """``stats_sink``: a list that receives the forward's :class:`TokenStats` (or None): the statistics are
+        detached, so they leave beside the Function's one differentiable output."""
         logits2d = logits.reshape(plan.num_rows, logits.shape[-1])
-        seq, lse = backend.logits_forward(logits2d, plan, softcap, temperature)
+        result = backend.logits_forward(logits2d, plan, transform, options)
+        if stats_sink is not None:
+            stats_sink.append(result.stats)
         # Held as attributes, not saved tensors: the in-place backward overwrites this buffer.
-        ctx.logits2d, ctx.lse, ctx.plan = logits2d, lse, plan
-        ctx.backend, ctx.softcap, ctx.temperature = backend, softcap, temperature
+        ctx.logits2d, ctx.lse, ctx.plan = logits2d, result.lse, plan
+        ctx.backend, ctx.transform = backend, transform
         # A leaf is the caller's own parameter: never overwritten. The rest is decided at backward time,
         # when it is known which tensors still share the buffer.
-        ctx.inplace = inplace and not logits.is_leaf
+        ctx.inplace = options.inplace_backward and not logits.is_leaf
         ctx.source = weakref.ref(logits)
         ctx.version = logits2d._version
         ctx.shape = logits.shape
-        return seq
+        return result.seq_logps
 
     @staticmethod
     def backward(ctx, grad_seq):
@@ -106,8 +123,8 @@ class LogitsSequenceLogprobs(torch.autograd.Function):
                                "forward (its backward reads them)")
         inplace = ctx.inplace and inplace_hazard(logits2d, ctx.source()) is None
         out = logits2d if inplace else torch.empty_like(logits2d)
-        ctx.backend.logits_backward(logits2d, ctx.plan, ctx.softcap, ctx.temperature, ctx.lse,
-                                    grad_seq.contiguous(), out)
+        with autocast_off(logits2d.device):
+            ctx.backend.logits_backward(logits2d, ctx.plan, ctx.transform, ctx.lse, grad_seq.contiguous(), out)
         if inplace:
             torch.autograd.graph.increment_version(logits2d)  # the buffer now holds the gradient
             ctx.logits2d = None
@@ -118,28 +135,30 @@ class LinearSequenceLogprobs(torch.autograd.Function):
     """``hidden [N, H], weight [V, H], bias [V] -> L [S]``; backward recomputes logits per tile."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend: Backend, softcap, temperature,
-                deterministic: bool = False, grad_filter_eps: float = 0.0):
+    def forward(ctx, hidden, weight, bias, plan: TokenPlan, backend: Backend, transform: LogitTransform,
+                options: KernelOptions, stats_sink: Optional[list] = None):
+        """``stats_sink``: as in :class:`LogitsSequenceLogprobs`."""
         hidden2d = hidden.reshape(plan.num_rows, hidden.shape[-1])
-        seq, lse, extra = backend.linear_forward_for_backward(hidden2d, weight, bias, plan, softcap, temperature)
-        ctx.save_for_backward(hidden2d, weight, bias, lse)
+        result, extra = backend.linear_forward_for_backward(hidden2d, weight, bias, plan, transform, options)
+        if stats_sink is not None:
+            stats_sink.append(result.stats)
+        ctx.save_for_backward(hidden2d, weight, bias, result.lse)
         ctx.extra = extra  # the backend's own extra for the first backward (it keeps no state itself)
-        ctx.plan, ctx.backend, ctx.softcap, ctx.temperature = plan, backend, softcap, temperature
-        ctx.deterministic, ctx.grad_filter_eps = deterministic, grad_filter_eps
+        ctx.plan, ctx.backend, ctx.transform, ctx.options = plan, backend, transform, options
         ctx.shape = hidden.shape
-        return seq
+        return result.seq_logps
 
     @staticmethod
     def backward(ctx, grad_seq):
         hidden2d, weight, bias, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         extra, ctx.extra = ctx.extra, None  # used once: a second backward (retain_graph) recomputes
-        grads = ctx.backend.linear_backward(
-            hidden2d, weight, bias, ctx.plan, ctx.softcap, ctx.temperature, lse, grad_seq.contiguous(),
-            need_hidden=need_h, need_weight=need_w, need_bias=need_b and bias is not None,
-            deterministic=ctx.deterministic, grad_filter_eps=ctx.grad_filter_eps, extra=extra)
+        with autocast_off(hidden2d.device):
+            grads = ctx.backend.linear_backward(
+                hidden2d, weight, bias, ctx.plan, ctx.transform, ctx.options, lse, grad_seq.contiguous(),
+                need_hidden=need_h, need_weight=need_w, need_bias=need_b and bias is not None, extra=extra)
         dh = grads.hidden.view(ctx.shape) if grads.hidden is not None else None
-        return dh, grads.weight, grads.bias, None, None, None, None, None, None
+        return dh, grads.weight, grads.bias, None, None, None, None, None
 
 
 class ClosedFormLoss(torch.autograd.Function):

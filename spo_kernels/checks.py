@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import check_bool
+from .config import _finite, check_bool
+from .kernels.types import KernelOptions, LogitTransform
 
 # Floating dtypes the kernels compute with (float64 for tests); fp8 and complex are rejected up front.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -112,12 +113,39 @@ def check_per_seq(name, x, num, device=None):
         raise ValueError(f"{name} must have shape [{num}], got {tuple(x.shape)}")
 
 
-def check_kernel_options(deterministic, grad_filter_eps):
-    """``deterministic`` a bool, ``grad_filter_eps`` a number in [0, 1)."""
+def check_kernel_options(deterministic=False, grad_filter_eps=0.0, inplace_backward=True,
+                         token_stats=False) -> KernelOptions:
+    """The validated :class:`KernelOptions`: the flags bools, ``grad_filter_eps`` a number in [0, 1)."""
     check_bool("deterministic", deterministic)
+    check_bool("inplace_backward", inplace_backward)
+    check_bool("token_stats", token_stats)
     if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)) or not (
             0.0 <= grad_filter_eps < 1.0):
         raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
+    return KernelOptions(inplace_backward=inplace_backward, deterministic=deterministic,
+                         grad_filter_eps=float(grad_filter_eps), token_stats=token_stats)
+
+
+def check_transform(multiplier=1.0, softcap=None, temperature=1.0) -> LogitTransform:
+    """The validated :class:`LogitTransform` (SPEC 2): finite numbers, ``multiplier > 0``, ``softcap > 0`` or
+    None, ``temperature > 0`` (the same rules as :class:`~spo_kernels.config.PreferenceLossConfig`)."""
+    _finite("logit_multiplier", multiplier)
+    if multiplier <= 0:
+        raise ValueError(f"logit_multiplier must be > 0, got {multiplier}")
+    if softcap is not None:
+        _finite("softcap", softcap)
+        if softcap <= 0:
+            raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    _finite("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return LogitTransform(multiplier=float(multiplier), softcap=None if softcap is None else float(softcap),
+                          temperature=float(temperature))
+
+
+def check_ignore_index(ignore_index) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def check_ref_logits(ref_logits, logits, cu_seqlens):

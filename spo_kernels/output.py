@@ -13,12 +13,16 @@ Tensor = torch.Tensor
 class SequenceLogprobs(NamedTuple):
     """Per-sequence results of the log-prob primitives.
 
-    logps:  ``[S]`` fp32 (float64 for float64 input), ``L_s = sum_t m_t logp_t``; differentiable.
+    logps:  ``[S]`` fp32 (float64 for float64 input), ``L_s = sum_t w_t m_t logp_t`` (``w_t = 1`` without
+            token weights); differentiable.
     counts: ``[S]`` int64, completion length ``n_s``.
+    stats:  :class:`SequenceStats` (per-sequence float64 sums of the per-token statistics) when asked for
+            with ``token_stats=True``, else None.
     """
 
     logps: Tensor
     counts: Tensor
+    stats: Optional["SequenceStats"] = None
 
 
 @dataclass

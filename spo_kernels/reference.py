@@ -17,8 +17,11 @@ from .config import PreferenceLossConfig
 Tensor = torch.Tensor
 
 
-def transform_logits(z: Tensor, softcap: Optional[float], temperature: float) -> Tensor:
-    """SPEC 2: ``z <- softcap * tanh(z / softcap)`` (if set), then ``z <- z / temperature``."""
+def transform_logits(z: Tensor, softcap: Optional[float], temperature: float, multiplier: float = 1.0) -> Tensor:
+    """SPEC 2, literally: ``z <- multiplier * z``, then ``z <- softcap * tanh(z / softcap)`` (if set), then
+    ``z <- z / temperature``."""
+    if multiplier != 1.0:
+        z = multiplier * z
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     if temperature != 1.0:
@@ -27,17 +30,30 @@ def transform_logits(z: Tensor, softcap: Optional[float], temperature: float) ->
 
 
 def reference_token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int,
-                             softcap: Optional[float] = None, temperature: float = 1.0) -> Tensor:
+                             softcap: Optional[float] = None, temperature: float = 1.0,
+                             multiplier: float = 1.0) -> Tensor:
     """``logp_t = z_t[y_t] - logsumexp(z_t)``, zero where the label is ignore_index. Any leading shape.
 
     Computes in float64 for float64 input, else fp32 (the whole log-softmax is materialized)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    z = transform_logits(logits.to(dtype), softcap, temperature)
+    z = transform_logits(logits.to(dtype), softcap, temperature, multiplier)
     labels = labels.long()  # any integer dtype (gather needs int64)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return logp * mask
+
+
+def reference_token_stats(z: Tensor, targets: Tensor):
+    """SPEC 8's per-token statistics of transformed logits ``z [rows, V]`` (no gradient), written from
+    their definitions on the materialized softmax: ``(entropy, log sum p^2, mean logit, target is an
+    the first argmax, as ``torch.argmax``)``, each ``[rows]`` in z's dtype."""
+    z = z.detach()
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp).nan_to_num(nan=0.0).sum(-1)  # p log p -> 0 where p = 0
+    log_sum_p2 = torch.logsumexp(2 * logp, dim=-1)
+    return entropy, log_sum_p2, z.mean(-1), (z.argmax(-1) == targets.long()).to(z.dtype)
 
 
 def reference_sequence_logprobs(token_logps: Tensor, labels: Tensor, ignore_index: int,

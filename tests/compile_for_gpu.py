@@ -93,6 +93,7 @@ from spo_kernels.kernels import logits_logprobs as LG  # noqa: E402
 from spo_kernels.kernels import loss_step as LS  # noqa: E402
 from spo_kernels.kernels import triton_helpers as TH  # noqa: E402
 from spo_kernels.layout import TokenPlan, build_plan  # noqa: E402
+from spo_kernels.kernels.types import KernelOptions, LogitTransform  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # what driver.active.get_current_target() returns on an H100 / H200
 BACKEND = make_backend(TARGET)
@@ -228,8 +229,8 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 def _meta_plan(plan: TokenPlan) -> TokenPlan:
     """The plan's tensors as meta tensors (same shapes and dtypes): the launchers see one device."""
-    return dataclasses.replace(plan, **{f.name: getattr(plan, f.name).to("meta")
-                                        for f in dataclasses.fields(plan) if f.name != "num_rows"})
+    return dataclasses.replace(plan, **{f.name: getattr(plan, f.name).to("meta") for f in dataclasses.fields(plan)
+                                        if isinstance(getattr(plan, f.name), torch.Tensor)})
 
 
 def _set_linear_overrides(over: dict) -> None:
@@ -256,15 +257,42 @@ def record_test_shapes() -> None:
         hidden, weight, bias = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(V, dtype=dt)
         lse = _meta(Nc)
         for b, softcap, temp in ((None, None, 1.0), (bias, 30.0, 0.7)):
-            LF.linear_forward(hidden, weight, b, plan, softcap, temp, save_lse=True)
-            LF.linear_forward(hidden, weight, b, plan, softcap, temp, save_lse=False)
+            LF.linear_forward(hidden, weight, b, plan, transform=LogitTransform(softcap=softcap, temperature=temp),
+                              options=KernelOptions(), save_lse=True)
+            LF.linear_forward(hidden, weight, b, plan, transform=LogitTransform(softcap=softcap, temperature=temp),
+                              options=KernelOptions(), save_lse=False)
             for over in ({}, {"reuse_outputs": False}, {"outer": "token"}, {"scratch_bytes": Nc * 2 * 256}):
                 _set_linear_overrides({"scratch_bytes": 2**20, **over})
                 for eps in (0.0, 1e-6):
-                    LB.linear_backward(hidden, weight, b, plan, softcap, temp, lse, grad_seq, True, True,
-                                       b is not None, grad_filter_eps=eps)
-                LB.linear_backward(hidden, weight, b, plan, softcap, temp, lse, grad_seq, True, False, False)
+                    LB.linear_backward(hidden, weight, b, plan,
+                                       transform=LogitTransform(softcap=softcap, temperature=temp),
+                                       options=KernelOptions(grad_filter_eps=eps), lse=lse, grad_seq=grad_seq,
+                                       need_hidden=True, need_weight=True, need_bias=b is not None)
+                LB.linear_backward(hidden, weight, b, plan,
+                                   transform=LogitTransform(softcap=softcap, temperature=temp),
+                                   options=KernelOptions(), lse=lse, grad_seq=grad_seq, need_hidden=True,
+                                   need_weight=False, need_bias=False)
             _set_linear_overrides({})
+
+    # Token weights and the per-token statistics (SPEC 8): the weighted sums and gradients and the STATS
+    # forwards of both paths, every dtype, with and without bias / softcap.
+    weights = torch.rand(labels.shape, generator=g)
+    wplan = _meta_plan(build_plan(labels, V, -100, labels.shape, torch.device("cpu"), pairs=False,
+                                  token_weights=weights))
+    stats = KernelOptions(token_stats=True)
+    for dt in dtypes:
+        hidden, weight, bias = _meta(N, H, dtype=dt), _meta(V, H, dtype=dt), _meta(V, dtype=dt)
+        for b, tf in ((None, LogitTransform()), (bias, LogitTransform(multiplier=0.5, softcap=30.0, temperature=0.7))):
+            LF.linear_forward(hidden, weight, b, wplan, transform=tf, options=stats, save_lse=True)
+            LB.linear_backward(hidden, weight, b, wplan, transform=tf, options=KernelOptions(), lse=_meta(Nc),
+                               grad_seq=grad_seq, need_hidden=True, need_weight=True, need_bias=b is not None)
+    for dt in dtypes + [torch.float64]:
+        acc = torch.promote_types(dt, torch.float32)
+        logits = _meta(N, V, dtype=dt)
+        for tf in (LogitTransform(), LogitTransform(multiplier=0.5, softcap=30.0, temperature=0.7)):
+            LG.logits_forward(logits, wplan, transform=tf, options=stats)
+            LG.logits_backward(logits, wplan, transform=tf, lse=_meta(Nc, dtype=acc), grad_seq=grad_seq.to(acc),
+                               out=torch.empty_like(logits))
 
     # logits path: dtypes (float64 too), transforms, strided rows and columns.
     for dt in dtypes + [torch.float64]:
@@ -272,9 +300,10 @@ def record_test_shapes() -> None:
         logits = _meta(N, V, dtype=dt)
         for softcap, temp in ((None, 1.0), (30.0, 0.7)):
             for x in (logits, _meta(N, V + 8, dtype=dt)[:, :V], _meta(V, N, dtype=dt).t()):
-                LG.logits_forward(x, plan, softcap, temp)
-                LG.logits_backward(x, plan, softcap, temp, _meta(Nc, dtype=acc), grad_seq.to(acc),
-                                   torch.empty_like(logits))
+                LG.logits_forward(x, plan, transform=LogitTransform(softcap=softcap, temperature=temp),
+                                  options=KernelOptions())
+                LG.logits_backward(x, plan, transform=LogitTransform(softcap=softcap, temperature=temp),
+                                   lse=_meta(Nc, dtype=acc), grad_seq=grad_seq.to(acc), out=torch.empty_like(logits))
 
     # loss step: every loss type with the reference and SPO on, fp32; a few without / in float64.
     counts = _meta(S, dtype=torch.int64)
@@ -306,12 +335,17 @@ def record_g1() -> None:
     N, S = plan.num_rows, plan.num_seqs
     bf16 = torch.bfloat16
     hidden, weight = _meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16)
-    _, lse = LF.linear_forward(hidden, weight, None, plan, None, 1.0, save_lse=True)  # policy
-    LF.linear_forward(_meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16), None, plan, None,
-                      1.0, save_lse=False)  # reference
+    _, lse, _ = LF.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(),
+                                  save_lse=True)  # policy
+    LF.linear_forward(_meta(N, G_HIDDEN, dtype=bf16), _meta(G_VOCAB, G_HIDDEN, dtype=bf16), None, plan,
+                      transform=LogitTransform(), options=KernelOptions(), save_lse=False)  # reference
     grad_seq = _meta(S)
-    LB.linear_backward(hidden, weight, None, plan, None, 1.0, lse, grad_seq, True, True, False)  # trainable
-    LB.linear_backward(hidden, weight, None, plan, None, 1.0, lse, grad_seq, True, False, False)  # frozen head
+    LB.linear_backward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse,
+                       grad_seq=grad_seq, need_hidden=True, need_weight=True, need_bias=False)  # trainable
+    LB.linear_backward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse,
+                       grad_seq=grad_seq, need_hidden=True, need_weight=False, need_bias=False)  # frozen head
+    LF.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(token_stats=True),
+                      save_lse=True)  # policy with the per-token statistics
     cfg = PreferenceLossConfig(loss_type="sigmoid", spo_lambda=1.0)  # DPO + SPO, reference anchor
     LS.loss_step(_meta(S, dtype=torch.float64), plan.counts, _meta(S), cfg, anchor=_meta(S // 2))
 
@@ -322,8 +356,9 @@ def record_g2() -> None:
     cu_seqlens = torch.arange(0, G_SEQS + 1, dtype=torch.int32) * G_SEQ_LEN
     plan = _meta_plan(build_plan(labels, G_VOCAB, -100, labels.shape, torch.device("cpu"), cu_seqlens))
     logits = _meta(plan.num_rows, G_VOCAB, dtype=torch.bfloat16)
-    _, lse = LG.logits_forward(logits, plan, None, 1.0)
-    LG.logits_backward(logits, plan, None, 1.0, lse, _meta(plan.num_seqs), logits)
+    _, lse, _ = LG.logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
+    LG.logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=_meta(plan.num_seqs), out=logits)
+    LG.logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions(token_stats=True))  # statistics
 
 
 RECORDERS = {"test": record_test_shapes, "G1": record_g1, "G2": record_g2}
@@ -407,10 +442,22 @@ def compile_variant(index: int, maxnreg=None) -> dict:
         wgmma=wgmma,
         hgmma_sass=hgmma,
         mma_sync="mma.sync" in ptx,
+        ptx_instructions=ptx_instruction_count(ptx),
         ptxas_warnings=sorted({ln.strip() for ln in log.getvalue().splitlines() if "warning" in ln.lower()}),
         compile_s=round(time.time() - t0, 2),
     )
     return out
+
+
+def ptx_instruction_count(ptx: str) -> int:
+    """Instructions in a PTX listing (statements ending in ';' that are not directives): with the registers,
+    what tells whether two builds of a variant compiled to the same code."""
+    count = 0
+    for line in ptx.splitlines():
+        line = line.strip()
+        if line.endswith(";") and not line.startswith((".", "//")):
+            count += 1
+    return count
 
 
 def _mma_kind(r: dict) -> str:

@@ -2,7 +2,8 @@
 
 Factors: backend (torch, cpu, triton through the interpreter) x path (logits, fused linear) x layout
 (padded, packed) x input dtype (fp32, bf16) x loss type (every one of ``LOSS_TYPES``) x options: softcap,
-temperature, bias, a frozen head, an SFT term, SPO (off; on with the reference anchor and per-token means; on with a
+temperature, a logit multiplier, bias, a frozen head, an SFT term, token weights, per-token statistics
+(their metrics), Hugging Face labels (``shift_labels``), SPO (off; on with the reference anchor and per-token means; on with a
 tensor anchor, summed, with a margin), label smoothing (only where the loss has it), ``reference_free``,
 an empty completion (packed: a sequence with no rows at all), the reference given as model inputs or as
 precomputed log-probs, and the logits path's in-place or allocated backward.
@@ -53,6 +54,10 @@ FACTORS = {
     "label_smoothing": [0.0, 0.1],
     "reference_free": [False, True],
     "sft_weight": [0.0, 0.3],
+    "logit_multiplier": [1.0, 0.7],
+    "token_weights": [False, True],
+    "token_stats": [False, True],
+    "shift_labels": [False, True],
     "empty": [False, True],
     "ref": ["inputs", "logps"],
     "bias": [True, False],
@@ -152,12 +157,12 @@ DESIGN = covering_design()
 
 def _case_id(case):
     parts = [case["backend"], case["path"], case["layout"], case["dtype"], case["loss_type"]]
-    for name in ("softcap", "temperature", "label_smoothing", "sft_weight"):
+    for name in ("softcap", "temperature", "label_smoothing", "sft_weight", "logit_multiplier"):
         if case[name] not in (None, 1.0, 0.0):
             parts.append(f"{name}{case[name]}")
     if case["spo"] != "off":
         parts.append(f"spo-{case['spo']}")
-    for name in ("reference_free", "empty"):
+    for name in ("reference_free", "empty", "token_weights", "token_stats", "shift_labels"):
         if case[name]:
             parts.append(name)
     parts.append(f"ref-{case['ref']}")
@@ -208,14 +213,20 @@ def build_inputs(case, seed):
         inputs["logits"] = (h.double() @ batch.weight.double().t() + b).to(dtype)
         ref_inputs = dict(ref_logits=(rh.double() @ batch.ref_weight.double().t() + b).to(dtype))
     options = dict(loss_type=case["loss_type"], beta=0.5, reference_free=case["reference_free"],
-                   sft_weight=case["sft_weight"], temperature=case["temperature"])
+                   sft_weight=case["sft_weight"], temperature=case["temperature"],
+                   logit_multiplier=case["logit_multiplier"])
+    api = dict(shift_labels=case["shift_labels"], token_stats=case["token_stats"])
+    if case["token_weights"]:
+        g = torch.Generator().manual_seed(seed + 1)
+        api["token_weights"] = 0.25 + 1.5 * torch.rand(labels.shape, generator=g)
     if case["softcap"] is not None:
         options["softcap"] = case["softcap"]
     if case["label_smoothing"]:
         options["label_smoothing"] = case["label_smoothing"]
 
     # the oracle's log-probs: the precomputed reference log-probs and the tensor anchor are made from them
-    transform = dict(softcap=case["softcap"], temperature=case["temperature"])
+    transform = dict(softcap=case["softcap"], temperature=case["temperature"],
+                     logit_multiplier=case["logit_multiplier"], **api)
 
     def oracle_logps(*tensors):
         with torch.no_grad():
@@ -239,8 +250,23 @@ def build_inputs(case, seed):
         # around the chosen log-probs, so that the penalty is active for some pairs and not for others
         anchor = (L64[:2] - 0.3 + 2.0 * torch.randn(2, generator=g, dtype=torch.float64)).float()
         options.update(spo_lambda=0.5, spo_normalize="sum", spo_margin=0.3, spo_anchor=anchor)
-    zero_rows = labels == IGNORE
+    zero_rows = _target_ignored(labels, cu, case["shift_labels"])
+    options.update(api)
     return inputs, options, anchor, zero_rows
+
+
+def _target_ignored(labels, cu, shift):
+    """Rows whose target is ignore_index (their gradient must be exactly 0): with ``shift_labels`` the target
+    of a row is the next label of its sequence, and a sequence's last row has none."""
+    if not shift:
+        return labels == IGNORE
+    nxt = torch.full_like(labels, IGNORE)
+    if cu is None:
+        nxt[:, :-1] = labels[:, 1:]
+    else:
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            nxt[a:max(a, b - 1)] = labels[a + 1:b]
+    return nxt == IGNORE
 
 
 def check_case(case, seed=None):
@@ -255,7 +281,8 @@ def check_case(case, seed=None):
     # on a CUDA machine the GPU backends run compiled, on the GPU; the cpu backend stays on the CPU
     device = "cuda" if torch.cuda.is_available() and case["backend"] != "cpu" else None
     out, grads = run_step(backend=case["backend"], poison=True, device=device, **run)
-    cfg = sk.PreferenceLossConfig(**{k: v for k, v in options.items() if k != "spo_anchor"})
+    cfg = sk.PreferenceLossConfig(**{k: v for k, v in options.items()
+                                     if k not in ("spo_anchor", "shift_labels", "token_weights", "token_stats")})
     assert_matches_reference(out, grads, want, want_grads, dtype=DTYPES[case["dtype"]], cfg=cfg, anchor=anchor,
                              zero_rows=zero_rows)
     return out, grads, want, want_grads, cfg, anchor, zero_rows
@@ -327,7 +354,7 @@ def test_a_wrong_result_fails():
     import copy
     case = dict(backend="torch", path="fused_linear", layout="padded", dtype="fp32", loss_type="sigmoid",
                 softcap=None, temperature=1.0, spo="mean-reference", label_smoothing=0.0, reference_free=False,
-                sft_weight=0.0,
+                sft_weight=0.0, logit_multiplier=1.0, token_weights=False, token_stats=False, shift_labels=False,
                 empty=False, ref="inputs", bias=True, frozen_head=False, inplace=NA)
     out, grads, want, want_grads, cfg, anchor, zero_rows = check_case(case, seed=1)
     kinds = list(_perturbations(out, grads, zero_rows))

@@ -24,6 +24,7 @@ from spo_kernels.config import PreferenceLossConfig
 from spo_kernels.kernels import linear_logprobs as LL
 from spo_kernels.layout import build_plan
 from spo_kernels.reference import reference_pair_loss
+from spo_kernels.kernels.types import KernelOptions, LogitTransform
 from batches import need_gpu_memory as _need_memory, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -130,15 +131,20 @@ def make_labels(S, T, V, prompt_frac=0.5, seed=0, device="cuda"):
 def logprobs_case(hidden2d, weight, bias, plan, grad_seq, *, softcap=None, temperature=1.0, need_weight=True,
                   lp_tol=1e-5, g_tol=1e-4, chunk=1024, **bwd):
     """Forward + backward of the op pair against the oracle; returns the Triton grads."""
-    seq, lse = LL.linear_forward(hidden2d, weight, bias, plan, softcap, temperature, save_lse=True)
+    seq, lse, _ = LL.linear_forward(hidden2d, weight, bias, plan,
+                                    transform=LogitTransform(softcap=softcap, temperature=temperature),
+                                    options=KernelOptions(), save_lse=True)
     # float64 oracle: the kernel's sums are float64, and an fp32 oracle's own rounding (which depends on the
     # BLAS's accumulation order, hence on the machine) is as large as the 1e-5 tolerance.
     ref_seq, ref_lse = oracle_forward(hidden2d, weight, bias, plan, softcap, temperature, chunk, dtype=torch.float64)
     assert seq.dtype == torch.float64 and lse.dtype == torch.float32  # sums in float64 (SPEC 7)
     assert rel_err(seq, ref_seq) <= lp_tol, f"seq logps: {rel_err(seq, ref_seq):.3e}"
     assert rel_err(lse, ref_lse) <= lp_tol
-    grads = LL.linear_backward(hidden2d, weight, bias, plan, softcap, temperature, lse, grad_seq, True, need_weight,
-                               bias is not None and need_weight, **bwd)
+    grads = LL.linear_backward(hidden2d, weight, bias, plan,
+                               transform=LogitTransform(softcap=softcap, temperature=temperature),
+                               options=KernelOptions(**bwd), lse=lse, grad_seq=grad_seq, need_hidden=True,
+                               need_weight=need_weight,
+                               need_bias=bias is not None and need_weight)
     dh_ref, dw_ref, db_ref = oracle_backward(hidden2d, weight, bias, plan, ref_lse, grad_seq, softcap, temperature,
                                              chunk, need_weight=need_weight)
     check_dhidden(grads.hidden, dh_ref, plan, g_tol)
@@ -312,10 +318,13 @@ def test_deterministic_and_filter():
     exact when off and close when on."""
     _need_memory(8)
     hidden, weight, bias, plan, grad_seq = _mid_case(torch.bfloat16)
-    _, lse = LL.linear_forward(hidden, weight, bias, plan, None, 1.0, save_lse=True)
+    _, lse, _ = LL.linear_forward(hidden, weight, bias, plan, transform=LogitTransform(), options=KernelOptions(),
+                                  save_lse=True)
 
     def bwd(**kw):
-        return LL.linear_backward(hidden, weight, bias, plan, None, 1.0, lse, grad_seq, True, True, True, **kw)
+        return LL.linear_backward(hidden, weight, bias, plan, transform=LogitTransform(), options=KernelOptions(**kw),
+                                  lse=lse,
+                                  grad_seq=grad_seq, need_hidden=True, need_weight=True, need_bias=True)
 
     first = bwd(deterministic=True)
     for kw in (dict(deterministic=True), dict()):

@@ -23,6 +23,7 @@ from spo_kernels.kernels.logits_logprobs import logits_backward, logits_forward 
 from spo_kernels.kernels.loss_step import loss_step  # noqa: E402
 from spo_kernels.layout import build_plan  # noqa: E402
 from spo_kernels.losses import METRIC_NAMES, preference_loss_step  # noqa: E402
+from spo_kernels.kernels.types import KernelOptions, LogitTransform
 from batches import need_gpu_memory as _need_memory
 
 pytestmark = pytest.mark.gpu
@@ -134,20 +135,20 @@ def test_g2_shape_bf16_forward_backward():
     plan = build_plan(labels, V, IGNORE, labels.shape, logits.device, cu)
     assert plan.num_tokens == 16384
 
-    seq, lse = logits_forward(logits, plan, None, 1.0)
+    seq, lse, _ = logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
     seq64, lse64 = chunked_reference_forward(logits, plan)
     assert seq.dtype == torch.float64  # sums in float64 (SPEC 7)
     assert_rel(seq, seq64, 1e-5, "seq_logps")
     assert_rel(lse, lse64, 1e-5, "lse")
-    seq_again, _ = logits_forward(logits, plan, None, 1.0)
+    seq_again, _, _ = logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
     assert torch.equal(seq, seq_again), "the forward must be deterministic"
 
     grad_seq = torch.randn(16, device=DEV) / 16
     out = torch.full_like(logits, float("nan"))
-    logits_backward(logits, plan, None, 1.0, lse, grad_seq, out)
+    logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq, out=out)
     assert check_gradient_chunked(out, logits, plan, grad_seq) <= 2e-2
     # in place: bitwise the same result written over the logits
-    logits_backward(logits, plan, None, 1.0, lse, grad_seq, logits)
+    logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq, out=logits)
     assert torch.equal(logits, out)
 
 
@@ -193,13 +194,14 @@ def test_offsets_past_int32():
     flat = logits.view(S * T, V)
     assert int(plan.token_idx[-1]) * V > 2**31
 
-    seq, lse = logits_forward(flat, plan, None, 1.0)
+    seq, lse, _ = logits_forward(flat, plan, transform=LogitTransform(), options=KernelOptions())
     seq64, lse64 = chunked_reference_forward(flat, plan)
     assert_rel(seq, seq64, 1e-5, "seq_logps")
     assert_rel(lse, lse64, 1e-5, "lse")
 
     grad_seq = torch.tensor([0.7, -1.3], device=DEV)
-    logits_backward(flat, plan, None, 1.0, lse, grad_seq, flat)  # in place, 4.5 GB buffer
+    logits_backward(flat, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq,
+                    out=flat)  # in place, 4.5 GB buffer
     # reference needs the original logits: regenerate them (same generator, same order)
     g = torch.Generator(device=DEV).manual_seed(2)
     orig = torch.randn(S, T, V, generator=g, device=DEV, dtype=torch.bfloat16)
@@ -272,12 +274,12 @@ def test_column_strided_logits():
     labels[::3] = IGNORE
     cu = torch.tensor([0, 100, 300], dtype=torch.int32, device=DEV)
     plan = build_plan(labels, V, IGNORE, labels.shape, logits.device, cu)
-    seq, lse = logits_forward(logits, plan, None, 1.0)
+    seq, lse, _ = logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
     seq64, _ = chunked_reference_forward(logits, plan)
     assert_rel(seq, seq64, 1e-5, "seq_logps")
     grad_seq = torch.tensor([1.0, -0.5], device=DEV)
     out = torch.full_like(logits, float("nan"))
-    logits_backward(logits, plan, None, 1.0, lse, grad_seq, out)
+    logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq, out=out)
     assert check_gradient_chunked(out, logits, plan, grad_seq) <= 1e-4
 
 
@@ -315,11 +317,11 @@ def _dry_run():
     V = 1031
     logits, labels, cu = packed_batch(4, 64, V, torch.bfloat16, seed=0)
     plan = build_plan(labels, V, IGNORE, labels.shape, logits.device, cu)
-    seq, lse = logits_forward(logits, plan, None, 1.0)
+    seq, lse, _ = logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
     seq64, lse64 = chunked_reference_forward(logits, plan, rows_per_chunk=50)
     assert_rel(seq, seq64, 1e-5, "seq_logps")
     grad_seq = torch.randn(4) / 4
     out = torch.full_like(logits, float("nan"))
-    logits_backward(logits, plan, None, 1.0, lse, grad_seq, out)
+    logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq, out=out)
     assert check_gradient_chunked(out, logits, plan, grad_seq, rows_per_chunk=50) <= 2e-2
     print("dry run ok")

@@ -19,6 +19,7 @@ from spo_kernels.backends import Backend
 from spo_kernels.backends.cpu import extension_available
 from spo_kernels.config import PreferenceLossConfig
 from spo_kernels.layout import build_plan, check_same_device
+from spo_kernels.kernels.types import KernelOptions, LogitTransform
 from batches import make_batch, rel_err
 
 BACKENDS = ["torch", "triton"] + (["cpu"] if extension_available() else [])
@@ -241,13 +242,15 @@ def test_case5_long_completions_meet_the_loss_tolerance(backend):
         from spo_kernels.backends import get_backend
         from spo_kernels.layout import build_plan as plan_of
         plan = plan_of(labels, logits.shape[-1], -100, labels.shape, labels.device)
-        seq, _ = get_backend(backend).logits_forward(logits.reshape(-1, logits.shape[-1]), plan, None, 1.0)
+        seq, _, _ = get_backend(backend).logits_forward(logits.reshape(-1, logits.shape[-1]), plan,
+                                                        transform=LogitTransform(), options=KernelOptions())
         assert seq.dtype == torch.float64
         assert bool(((seq - L64).abs() <= 4 * floor_sd).all()), ((seq - L64).tolist(), floor_sd.tolist())
         b = make_batch(P=2, T=600, H=16, V=64, seed=11)
         hplan = plan_of(b.labels, 64, -100, b.labels.shape, b.labels.device)
-        hseq, _ = get_backend(backend).linear_forward(b.hidden.reshape(-1, 16), b.weight, b.bias, hplan, None, 1.0,
-                                                     save_lse=False)
+        hseq, _, _ = get_backend(backend).linear_forward(b.hidden.reshape(-1, 16), b.weight, b.bias, hplan,
+                                                         transform=LogitTransform(), options=KernelOptions(),
+                                                         save_lse=False)
         assert hseq.dtype == torch.float64
 
 
@@ -281,7 +284,7 @@ def test_case5_triton_segment_sums_are_float64(monkeypatch):
         args[4].copy_(logp)       # token_logp
 
     monkeypatch.setattr(LG, "_token_logprob_kernel", _FakeLaunch(fill_logits))
-    seq, _ = LG.logits_forward(torch.zeros(N, 16), plan, None, 1.0)
+    seq, _, _ = LG.logits_forward(torch.zeros(N, 16), plan, transform=LogitTransform(), options=KernelOptions())
     assert seq.dtype == torch.float64
     torch.testing.assert_close(seq, want, rtol=1e-13, atol=0)
 
@@ -304,7 +307,8 @@ def test_case5_triton_segment_sums_are_float64(monkeypatch):
 
     monkeypatch.setattr(LL, "_empty", spy_empty)
     monkeypatch.setattr(LL, "_forward_partials_kernel", _FakeLaunch(fill_partials))
-    seq, _ = LL.linear_forward(torch.zeros(N, 8), torch.zeros(16, 8), None, plan, None, 1.0, save_lse=False)
+    seq, _, _ = LL.linear_forward(torch.zeros(N, 8), torch.zeros(16, 8), None, plan, transform=LogitTransform(),
+                                  options=KernelOptions(), save_lse=False)
     assert parts["p"].shape[1] >= 1
     assert seq.dtype == torch.float64
     torch.testing.assert_close(seq, want, rtol=1e-13, atol=0)

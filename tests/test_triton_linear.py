@@ -19,6 +19,7 @@ import triton
 import spo_kernels as sk
 from spo_kernels.kernels import linear_logprobs as LL
 from spo_kernels.layout import build_plan
+from spo_kernels.kernels.types import KernelOptions, LogitTransform
 from batches import assert_close_scalar, rel_err
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-3, 2e-2), torch.float16: (1e-3, 2e-2)}
@@ -201,11 +202,13 @@ def test_forward_returns_lse(monkeypatch):
     case = make_case(seed=2)
     plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
     h2 = case["hidden"].reshape(-1, 80)
-    seq, lse = LL.linear_forward(h2, case["weight"], case["bias"], plan, None, 1.0, save_lse=True)
+    seq, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                                    options=KernelOptions(), save_lse=True)
     z = h2[plan.token_idx].double() @ case["weight"].double().t() + case["bias"].double()
     assert lse.dtype == torch.float32 and lse.shape == (plan.num_tokens,)
     assert rel_err(lse, torch.logsumexp(z, 1)) <= 1e-6
-    seq2, none = LL.linear_forward(h2, case["weight"], case["bias"], plan, None, 1.0, save_lse=False)
+    seq2, none, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                                      options=KernelOptions(), save_lse=False)
     assert none is None and torch.equal(seq, seq2)
 
 
@@ -294,8 +297,11 @@ def test_frozen_head_skips_dw(monkeypatch):
     # The op itself: need_weight False returns None.
     plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
     h2 = case["hidden"].reshape(-1, 80)
-    _, lse = LL.linear_forward(h2, case["weight"], case["bias"], plan, None, 1.0, save_lse=True)
-    g = LL.linear_backward(h2, case["weight"], case["bias"], plan, None, 1.0, lse, torch.ones(4), True, False, False)
+    _, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                                  options=KernelOptions(), save_lse=True)
+    g = LL.linear_backward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                           options=KernelOptions(), lse=lse, grad_seq=torch.ones(4), need_hidden=True,
+                           need_weight=False, need_bias=False)
     assert g.weight is None and g.bias is None and g.hidden is not None
 
 
@@ -371,9 +377,11 @@ def test_bad_config_is_rejected(monkeypatch):
 def _op_grads(case, grad_seq, eps, **kw):
     plan = build_plan(case["labels"], 97, -100, case["labels"].shape, torch.device("cpu"), pairs=False)
     h2 = case["hidden"].reshape(-1, 80)
-    _, lse = LL.linear_forward(h2, case["weight"], case["bias"], plan, None, 1.0, save_lse=True)
-    return LL.linear_backward(h2, case["weight"], case["bias"], plan, None, 1.0, lse, grad_seq, True, True,
-                              case["bias"] is not None, grad_filter_eps=eps, **kw)
+    _, lse, _ = LL.linear_forward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                                  options=KernelOptions(), save_lse=True)
+    return LL.linear_backward(h2, case["weight"], case["bias"], plan, transform=LogitTransform(),
+                              options=KernelOptions(grad_filter_eps=eps, **kw), lse=lse, grad_seq=grad_seq,
+                              need_hidden=True, need_weight=True, need_bias=case["bias"] is not None)
 
 
 def test_grad_filter(monkeypatch):
@@ -493,11 +501,13 @@ def test_reused_outputs_filter_and_determinism(monkeypatch):
     assert bp.dh_acc == "weight_tail"
     h2 = case["hidden"].reshape(-1, 80).to(torch.bfloat16)
     w, b = case["weight"].to(torch.bfloat16), case["bias"].to(torch.bfloat16)
-    _, lse = LL.linear_forward(h2, w, b, plan, None, 1.0, save_lse=True)
+    _, lse, _ = LL.linear_forward(h2, w, b, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
     grad_seq = torch.tensor([0.3, -0.2, 0.5, -0.1])
 
     def bwd(eps):
-        return LL.linear_backward(h2, w, b, plan, None, 1.0, lse, grad_seq, True, True, True, grad_filter_eps=eps)
+        return LL.linear_backward(h2, w, b, plan, transform=LogitTransform(),
+                                  options=KernelOptions(grad_filter_eps=eps), lse=lse, grad_seq=grad_seq,
+                                  need_hidden=True, need_weight=True, need_bias=True)
 
     exact, again = bwd(0.0), bwd(0.0)
     for a, c in zip(exact, again):
@@ -516,7 +526,7 @@ def test_backward_allocations_match_plan(monkeypatch):
     plan, bp = _plan_of(case, 257, torch.bfloat16)
     h2 = case["hidden"].reshape(-1, 80).to(torch.bfloat16)
     w, b = case["weight"].to(torch.bfloat16), case["bias"].to(torch.bfloat16)
-    _, lse = LL.linear_forward(h2, w, b, plan, None, 1.0, save_lse=True)
+    _, lse, _ = LL.linear_forward(h2, w, b, plan, transform=LogitTransform(), options=KernelOptions(), save_lse=True)
     sizes = []
     real_empty = LL._empty
 
@@ -526,7 +536,8 @@ def test_backward_allocations_match_plan(monkeypatch):
         return t
 
     monkeypatch.setattr(LL, "_empty", recording_empty)
-    LL.linear_backward(h2, w, b, plan, None, 1.0, lse, torch.ones(4), True, True, True)
+    LL.linear_backward(h2, w, b, plan, transform=LogitTransform(), options=KernelOptions(), lse=lse,
+                       grad_seq=torch.ones(4), need_hidden=True, need_weight=True, need_bias=True)
     grads = h2.numel() * 2 + w.numel() * 2 + b.numel() * 2
     assert sum(sizes) == grads + bp.total_extra_bytes
 
@@ -661,7 +672,7 @@ def test_gemms_gather_rows_of_a_token_chunk(monkeypatch, n_tok, block_k):
     dz = torch.randn(n_tok, 64, generator=g)
     cfg = LL.kernel_config(torch.float32)
     zeros = torch.zeros(total, dtype=torch.int64)
-    run = LL.BlockLaunches(cfg, hidden, weight, None, _Plan(token_idx, zeros, zeros), None, 1.0,
+    run = LL.BlockLaunches(cfg, hidden, weight, None, _Plan(token_idx, zeros, zeros), LogitTransform(),
                            torch.zeros(total), torch.zeros(1), 0.0, dz, dz)
     dw = torch.full((n_v, H), float("nan"))
     run.dw_gemm(dz, 64, dw, dw, tok_start, n_tok, 0, n_v, False, True)

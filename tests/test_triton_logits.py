@@ -22,6 +22,7 @@ import spo_kernels as sk  # noqa: E402
 from spo_kernels.kernels import logits_logprobs as kmod  # noqa: E402
 from spo_kernels.kernels import triton_helpers  # noqa: E402
 from spo_kernels.layout import build_plan  # noqa: E402
+from spo_kernels.kernels.types import KernelOptions, LogitTransform  # noqa: E402
 
 IGNORE = -100
 TOL = {  # SPEC 7: (loss / log-prob rel, gradient rel in norm)
@@ -230,17 +231,17 @@ def test_backward_writes_every_element(monkeypatch, poison, dtype):
     plan = build_plan(labels, 200, IGNORE, labels.shape, logits.device, cu)
     w = seq_weights(4, 42)
     ref_logps, ref_grad = reference_logps_and_grad(logits, labels, cu, 8.0, 1.0, w)
-    seq, lse = kmod.logits_forward(logits, plan, 8.0, 1.0)
+    seq, lse, _ = kmod.logits_forward(logits, plan, transform=LogitTransform(softcap=8.0), options=KernelOptions())
     assert seq.dtype == torch.float64 and lse.dtype == torch.float32 and lse.shape == (plan.num_tokens,)
     assert_logps(seq, ref_logps)
     before = logits.clone()
     out = torch.full_like(logits, poison)
-    kmod.logits_backward(logits, plan, 8.0, 1.0, lse, w.float(), out)
+    kmod.logits_backward(logits, plan, transform=LogitTransform(softcap=8.0), lse=lse, grad_seq=w.float(), out=out)
     assert torch.equal(logits, before), "out-of-place backward must not touch the logits"
     assert rel_norm(out, ref_grad) <= TOL[dtype][1]
     # in place on a copy: identical result
     buf = logits.clone()
-    kmod.logits_backward(buf, plan, 8.0, 1.0, lse, w.float(), buf)
+    kmod.logits_backward(buf, plan, transform=LogitTransform(softcap=8.0), lse=lse, grad_seq=w.float(), out=buf)
     assert torch.equal(buf, out)
 
 
@@ -257,13 +258,16 @@ def test_strided_logits():
     col_strided = logits.t().contiguous().t()
     assert col_strided.stride() == (1, N)
     for view in (row_strided, col_strided):
-        seq, lse = kmod.logits_forward(view, plan, None, 0.9)
+        seq, lse, _ = kmod.logits_forward(view, plan, transform=LogitTransform(temperature=0.9),
+                                          options=KernelOptions())
         assert_logps(seq, ref_logps)
         out = torch.full_like(view, float("nan"))  # keeps view's strides
-        kmod.logits_backward(view, plan, None, 0.9, lse, w.float(), out)
+        kmod.logits_backward(view, plan, transform=LogitTransform(temperature=0.9), lse=lse, grad_seq=w.float(),
+                             out=out)
         assert rel_norm(out, ref_grad) <= 1e-4
     # in place into the strided buffer itself; the padding columns of `wide` stay untouched
-    kmod.logits_backward(row_strided, plan, None, 0.9, lse, w.float(), row_strided)
+    kmod.logits_backward(row_strided, plan, transform=LogitTransform(temperature=0.9), lse=lse, grad_seq=w.float(),
+                         out=row_strided)
     assert rel_norm(row_strided, ref_grad) <= 1e-4
     assert bool((wide[:, V:] == 1e4).all())
 
@@ -289,7 +293,8 @@ def test_forward_prefetch_and_plain_loop(monkeypatch, V, dtype):
     for prefetch in (1, 0):
         monkeypatch.setattr(kmod, "CONFIG_OVERRIDES", {"logits_fwd": {"prefetch": prefetch}})
         assert kmod.launch_params("logits_fwd", dtype, V, logits.device)["prefetch"] == prefetch
-        seq, lse = kmod.logits_forward(logits, plan, 5.0, 0.8)
+        seq, lse, _ = kmod.logits_forward(logits, plan, transform=LogitTransform(softcap=5.0, temperature=0.8),
+                                          options=KernelOptions())
         assert_logps(seq, ref_logps)
         if ref_lse is None:
             z = 5.0 * torch.tanh(logits.double()[plan.token_idx] / 5.0) / 0.8
@@ -326,7 +331,7 @@ def test_backward_launch_overrides(monkeypatch, bwd):
     _, ref_grad = reference_logps_and_grad(logits, labels, cu, None, 1.0, w)
     monkeypatch.setattr(kmod, "CONFIG_OVERRIDES", {"logits_bwd": bwd})
     assert kmod.launch_params("logits_bwd", F32, 97, logits.device)["block_v"] == min(bwd["block_v"], 128)
-    _, lse = kmod.logits_forward(logits, plan, None, 1.0)
+    _, lse, _ = kmod.logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
     out = torch.full_like(logits, float("nan"))
-    kmod.logits_backward(logits, plan, None, 1.0, lse, w.float(), out)
+    kmod.logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=w.float(), out=out)
     assert rel_norm(out, ref_grad) <= 1e-4

@@ -148,7 +148,7 @@ def trl_compute(options, batch, dtype=torch.float64):
     """TRL 1.16's ``DPOTrainer._compute_loss`` on ``batch``: (loss, d loss / d per-token log-probs, metrics)."""
     from trl.trainer.dpo_trainer import DPOTrainer
     types = options["loss_type"] if isinstance(options["loss_type"], list) else [options["loss_type"]]
-    lp = batch["logps"].to(dtype).requires_grad_(True)
+    lp = batch["logps"].detach().to(dtype).clone().requires_grad_(True)  # a leaf of its own: the batch stays as is
     policy = _FusedHeadModel(dict(log_probs=lp, entropy=batch["entropy"].to(dtype),
                                   mean_logits=batch["mean_logits"].to(dtype), is_top1=batch["is_top1"],
                                   log_sum_sq_probs=batch["log_sum_sq_probs"].to(dtype)))

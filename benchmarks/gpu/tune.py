@@ -157,6 +157,8 @@ class Tuner:
         from spo_kernels.kernels import linear_logprobs as LL
         from spo_kernels.kernels import logits_logprobs as LG
         from spo_kernels.kernels import tuning
+        from spo_kernels.kernels.types import KernelOptions, LogitTransform
+        self.KernelOptions, self.LogitTransform = KernelOptions, LogitTransform
         self.torch, self.triton, self.LL, self.LG, self.tuning = torch, triton, LL, LG, tuning
         self.args, self.log = args, log
         self.dry = args.dry_run
@@ -247,6 +249,7 @@ class Tuner:
                 self.sync()
                 rec["first_call_s"] = round(time.perf_counter() - t, 3)  # includes the compile
                 outs = out if isinstance(out, (tuple, list)) else (out,)
+                outs = [o for o in outs if o is not None]  # a LogprobResult without statistics
                 if is_default:
                     ref = [o.clone() for o in outs]
                     err = max(_rel_err(o, o) for o in outs)  # NaN / inf in the default itself
@@ -327,6 +330,7 @@ class Tuner:
 
     def run_g1(self) -> None:
         torch, LL = self.torch, self.LL
+        LogitTransform, KernelOptions = self.LogitTransform, self.KernelOptions
         s = (DRY_SHAPES if self.dry else SHAPES)["G1"]
         S, T, H, V = s["S"], s["T"], s["H"], s["V"]
         plan = self.plan(S, T, V)
@@ -337,13 +341,14 @@ class Tuner:
         grad_seq = torch.randn(S, device=self.device, generator=torch.Generator(device=self.device).manual_seed(2))
         info = {"Nc": Nc, "H": H}
         cfg0 = self.linear_cfg(Nc=Nc, H=H)
-        _, lse = LL.linear_forward(hidden, weight, None, plan, None, 1.0, save_lse=True)
+        _, lse, _ = LL.linear_forward(hidden, weight, None, plan, transform=LogitTransform(), options=KernelOptions(),
+                                      save_lse=True)
         # One block of the backward's own plan: all tokens x the first vocabulary range.
         bp = LL.plan_backward(N, Nc, V, H, self.dtype, self.dtype, None, True, True, False, cfg0, False,
                               LL._num_sms(self.device))
         width, stride = bp.v_blocks[0][1], bp.stride_dz
         dz0 = torch.empty((Nc, stride), dtype=self.dtype, device=self.device)
-        LL.BlockLaunches(cfg0, hidden, weight, None, plan, None, 1.0, lse, grad_seq, 0.0, dz0, dz0).grad_logits(
+        LL.BlockLaunches(cfg0, hidden, weight, None, plan, LogitTransform(), lse, grad_seq, 0.0, dz0, dz0).grad_logits(
             dz0, stride, 0, Nc, 0, width, False)
         self.sync()
         self.log(f"  backward block: {Nc} tokens x {width} columns (of the plan's {len(bp.v_blocks)} ranges)")
@@ -354,7 +359,7 @@ class Tuner:
 
         def launches(kernel, params):
             cfg = self.linear_cfg(kernel, params, Nc=Nc, H=H)
-            return LL.BlockLaunches(cfg, hidden, weight, None, plan, None, 1.0, lse, grad_seq, 0.0, dz0, dz0)
+            return LL.BlockLaunches(cfg, hidden, weight, None, plan, LogitTransform(), lse, grad_seq, 0.0, dz0, dz0)
 
         def make_fwd(params):
             self.linear_cfg("linear_fwd", params, Nc=Nc, H=H)  # validates; the launcher reads the overrides
@@ -362,7 +367,8 @@ class Tuner:
 
             def run():
                 LL.CONFIG_OVERRIDES = over
-                return LL.linear_forward(hidden, weight, None, plan, None, 1.0, save_lse=True)
+                return LL.linear_forward(hidden, weight, None, plan, transform=LogitTransform(),
+                                         options=KernelOptions(), save_lse=True)
             return run
 
         def make_dz(params):
@@ -394,6 +400,7 @@ class Tuner:
 
     def run_g2(self) -> None:
         torch, LG = self.torch, self.LG
+        LogitTransform, KernelOptions = self.LogitTransform, self.KernelOptions
         s = (DRY_SHAPES if self.dry else SHAPES)["G2"]
         S, T, V = s["S"], s["T"], s["V"]
         plan = self.plan(S, T, V, packed=True)
@@ -402,7 +409,7 @@ class Tuner:
         logits = self.randn(N, V, scale=3.0)
         grad_seq = torch.randn(S, device=self.device, generator=torch.Generator(device=self.device).manual_seed(3))
         LG.CONFIG_OVERRIDES = {}
-        _, lse = LG.logits_forward(logits, plan, None, 1.0)
+        _, lse, _ = LG.logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
         out = torch.empty_like(logits)
         info = {"V": V}
 
@@ -412,11 +419,12 @@ class Tuner:
                 if kernel == "logits_fwd":
                     def run():
                         LG.CONFIG_OVERRIDES = over
-                        return LG.logits_forward(logits, plan, None, 1.0)
+                        return LG.logits_forward(logits, plan, transform=LogitTransform(), options=KernelOptions())
                 else:
                     def run():
                         LG.CONFIG_OVERRIDES = over
-                        LG.logits_backward(logits, plan, None, 1.0, lse, grad_seq, out)
+                        LG.logits_backward(logits, plan, transform=LogitTransform(), lse=lse, grad_seq=grad_seq,
+                                           out=out)
                         return out
                 return run
             return maker

@@ -4,6 +4,9 @@ Never holds more than one chunk of ``[rows, V]`` logits (about ``$SPO_KERNELS_CH
 default 32), skips ignored tokens entirely, and uses the closed-form gradient
 ``g_s * (onehot(y) - softmax(z))`` instead of an autograd graph over the vocabulary. dW and db are
 accumulated in fp32; with a 16-bit head every GEMM runs in fp32 on one upcast vocab block at a time.
+The logit multiplier is folded into softcap and temperature (``LogitTransform.folded``); token weights
+scale the float64 sums and the per-token ``g``; the per-token statistics (``options.token_stats``) come
+from each chunk's own ``exp(z - max)``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 
 import torch
 
-from .base import Backend, LinearGrads
+from .base import Backend, LinearGrads, LogitTransform, LogprobResult, TokenStats
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,8 +27,10 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, int(budget // (vocab * 4)))
 
 
-def _transform(z: torch.Tensor, softcap, temperature):
-    """Apply SPEC 2's transform in place; return ``dz_final/dz_raw`` (or None when it is 1)."""
+def _transform(z: torch.Tensor, transform: LogitTransform):
+    """Apply SPEC 2's transform in place; return ``dz_final/dz_raw`` (or None when it is 1). The multiplier
+    is folded into softcap and temperature (:meth:`LogitTransform.folded`)."""
+    softcap, temperature = transform.folded()
     chain = None
     if softcap is not None:
         z.div_(softcap).tanh_()
@@ -37,13 +42,28 @@ def _transform(z: torch.Tensor, softcap, temperature):
     return chain
 
 
-def _lse_and_target(z: torch.Tensor, targets: torch.Tensor):
-    """``(logsumexp(z), z[y])`` per row, destroying z: ``lse = m + log(sum(exp(z - m)))`` in place, so no
-    second ``[rows, V]`` temporary exists."""
+def _lse_and_target(z: torch.Tensor, targets: torch.Tensor, want_stats: bool = False):
+    """``(logsumexp(z), z[y], stats)`` per row, destroying z: ``lse = m + log(sum(exp(z - m)))`` in place, so
+    no second ``[rows, V]`` temporary exists without statistics. ``stats`` (``want_stats``): the
+    :class:`TokenStats` of the rows, from the same pass (one ``exp(z - m)`` temporary):
+    ``H = log S - sum_v e_v log e_v / S`` with ``e = exp(z - m)``, ``S = sum e`` (relative to the max, so a
+    peaked row keeps its small entropy exactly), ``log sum p^2 = log sum e^2 - 2 log S``."""
     target = z.gather(1, targets[:, None]).squeeze(1)
     m = z.amax(dim=1, keepdim=True)
-    lse = z.sub_(m).exp_().sum(dim=1).log_().add_(m.squeeze(1))
-    return lse, target
+    if not want_stats:
+        lse = z.sub_(m).exp_().sum(dim=1).log_().add_(m.squeeze(1))
+        return lse, target, None
+    mean_logit = z.mean(dim=1)
+    # The first maximum, as torch.argmax and TRL's is_top1: a tie with an earlier token does not count.
+    is_argmax = (z.argmax(dim=1) == targets).to(z.dtype)
+    e = z.sub_(m).exp_()
+    log_s = e.sum(dim=1).log_()
+    # sum_v e_v (z_v - m) = sum_v e_v log e_v; xlogy keeps e = 0 (a -inf logit) at 0 instead of 0 * -inf.
+    u = torch.special.xlogy(e, e).sum(dim=1)
+    q = torch.einsum("ij,ij->i", e, e)
+    stats = TokenStats(entropy=log_s - u / log_s.exp(), log_sum_p2=q.log() - 2 * log_s,
+                       mean_logit=mean_logit, is_argmax=is_argmax)
+    return log_s + m.squeeze(1), target, stats
 
 
 def _grad_logits(z: torch.Tensor, targets, lse, g_tok, chain):
@@ -55,11 +75,35 @@ def _grad_logits(z: torch.Tensor, targets, lse, g_tok, chain):
     return z
 
 
+def _token_grads(grad_seq, plan, acc):
+    """``g_s w_t`` per plan token (``w_t = 1`` without token weights), in ``acc``."""
+    g_tok = grad_seq.to(acc)[plan.seq_id]
+    if plan.token_weights is not None:
+        g_tok = g_tok * plan.token_weights.to(acc)
+    return g_tok
+
+
 def _sequence_sums(logp, plan):
-    """``L_s = sum_t logp_t`` accumulated in float64: a sequence of 1k tokens summed in fp32 loses
+    """``L_s = sum_t w_t logp_t`` accumulated in float64: a sequence of 1k tokens summed in fp32 loses
     ~1e-7 relative, and a DPO loss is a function of differences of such sums (S values, free)."""
+    logp = logp.to(torch.float64)
+    if plan.token_weights is not None:
+        logp = logp * plan.token_weights.to(torch.float64)
     sums = torch.zeros(plan.num_seqs, dtype=torch.float64, device=logp.device)
-    return sums.index_add_(0, plan.seq_id, logp.to(torch.float64))
+    return sums.index_add_(0, plan.seq_id, logp)
+
+
+class _StatsBuffers:
+    """``[Nc]`` buffers of the per-token statistics, filled chunk by chunk (or nothing when off)."""
+
+    def __init__(self, num_tokens, dtype, device, on):
+        self.stats = TokenStats(*(torch.empty(num_tokens, dtype=dtype, device=device) for _ in range(4))) \
+            if on else None
+
+    def put(self, start, end, chunk_stats):
+        if self.stats is not None:
+            for buf, val in zip(self.stats, chunk_stats):
+                buf[start:end] = val
 
 
 def _vocab_blocks(weight, block_bytes=16 * 2**20):
@@ -80,20 +124,22 @@ class TorchChunkedBackend(Backend):
     name = "torch"
 
     # ---- logits path -------------------------------------------------------------------------
-    def logits_forward(self, logits, plan, softcap, temperature):
+    def logits_forward(self, logits, plan, transform, options):
         acc = _acc_dtype(logits.dtype)
         lse = torch.empty(plan.num_tokens, dtype=acc, device=logits.device)
         logp = torch.empty_like(lse)
+        stats = _StatsBuffers(plan.num_tokens, acc, logits.device, options.token_stats)
         for start, end, rows, tgt in _chunks(plan, logits.shape[1]):
             z = logits.index_select(0, rows).to(acc)
-            _transform(z, softcap, temperature)
-            lse[start:end], target = _lse_and_target(z, tgt)
+            _transform(z, transform)
+            lse[start:end], target, chunk_stats = _lse_and_target(z, tgt, options.token_stats)
             logp[start:end] = target - lse[start:end]
-        return _sequence_sums(logp, plan), lse
+            stats.put(start, end, chunk_stats)
+        return LogprobResult(_sequence_sums(logp, plan), lse, stats.stats)
 
-    def logits_backward(self, logits, plan, softcap, temperature, lse, grad_seq, out):
+    def logits_backward(self, logits, plan, transform, lse, grad_seq, out):
         acc = _acc_dtype(logits.dtype)
-        g_tok = grad_seq.to(acc)[plan.seq_id]
+        g_tok = _token_grads(grad_seq, plan, acc)
         # Rows outside the plan get 0. Plan rows are read before being overwritten, chunk by chunk,
         # so ``out`` may alias ``logits``.
         keep = torch.ones(plan.num_rows, dtype=torch.bool, device=logits.device)
@@ -101,7 +147,7 @@ class TorchChunkedBackend(Backend):
         out[keep] = 0
         for start, end, rows, tgt in _chunks(plan, logits.shape[1]):
             z = logits.index_select(0, rows).to(acc)
-            chain = _transform(z, softcap, temperature)
+            chain = _transform(z, transform)
             _grad_logits(z, tgt, lse[start:end], g_tok[start:end], chain)
             out.index_copy_(0, rows, z.to(out.dtype))
 
@@ -122,30 +168,31 @@ class TorchChunkedBackend(Backend):
             z += bias.to(acc)
         return z
 
-    def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
+    def linear_forward(self, hidden, weight, bias, plan, transform, options, save_lse):
         acc = _acc_dtype(hidden.dtype)
         lse = torch.empty(plan.num_tokens, dtype=acc, device=hidden.device)
         logp = torch.empty_like(lse)
+        stats = _StatsBuffers(plan.num_tokens, acc, hidden.device, options.token_stats)
         for start, end, rows, tgt in _chunks(plan, weight.shape[0]):
             z = self._logits_tile(hidden.index_select(0, rows), weight, bias, acc)
-            _transform(z, softcap, temperature)
-            lse[start:end], target = _lse_and_target(z, tgt)
+            _transform(z, transform)
+            lse[start:end], target, chunk_stats = _lse_and_target(z, tgt, options.token_stats)
             logp[start:end] = target - lse[start:end]
-        return _sequence_sums(logp, plan), (lse if save_lse else None)
+            stats.put(start, end, chunk_stats)
+        return LogprobResult(_sequence_sums(logp, plan), lse if save_lse else None, stats.stats)
 
-    def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0,
-                        extra=None):
+    def linear_backward(self, hidden, weight, bias, plan, transform, options, lse, grad_seq,
+                        need_hidden, need_weight, need_bias, extra=None):
         # Always deterministic (fixed chunk order, no atomics) and exact (no filter).
         acc = _acc_dtype(hidden.dtype)
-        g_tok = grad_seq.to(acc)[plan.seq_id]
+        g_tok = _token_grads(grad_seq, plan, acc)
         dh = torch.zeros_like(hidden) if need_hidden else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
         for start, end, rows, tgt in _chunks(plan, weight.shape[0]):
             h = hidden.index_select(0, rows)
             z = self._logits_tile(h, weight, bias, acc)
-            chain = _transform(z, softcap, temperature)
+            chain = _transform(z, transform)
             dz = _grad_logits(z, tgt, lse[start:end], g_tok[start:end], chain)
             h = h.to(acc)
             if weight.dtype == acc:

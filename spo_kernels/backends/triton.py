@@ -17,25 +17,24 @@ from .base import Backend
 class TritonBackend(Backend):
     name = "triton"
 
-    def loss_step(self, policy_logps, counts, ref_logps, cfg, anchor=None, bco_delta=None):
-        from ..kernels.loss_step import loss_step
-        return loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta)
+    def loss_step(self, policy_logps, counts, ref_logps, cfg, anchor=None, bco_delta=None, seq_stats=None):
+        from ..kernels.loss_step import loss_step  # falls back to the torch step where the kernel has no case
+        return loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta, seq_stats=seq_stats)
 
-    def logits_forward(self, logits, plan, softcap, temperature):
+    def logits_forward(self, logits, plan, transform, options):
         from ..kernels.logits_logprobs import logits_forward
-        return logits_forward(logits, plan, softcap, temperature)
+        return logits_forward(logits, plan, transform, options)
 
-    def logits_backward(self, logits, plan, softcap, temperature, lse, grad_seq, out):
+    def logits_backward(self, logits, plan, transform, lse, grad_seq, out):
         from ..kernels.logits_logprobs import logits_backward
-        return logits_backward(logits, plan, softcap, temperature, lse, grad_seq, out)
+        return logits_backward(logits, plan, transform, lse, grad_seq, out)
 
-    def linear_forward(self, hidden, weight, bias, plan, softcap, temperature, save_lse):
+    def linear_forward(self, hidden, weight, bias, plan, transform, options, save_lse):
         from ..kernels.linear_forward import linear_forward
-        return linear_forward(hidden, weight, bias, plan, softcap, temperature, save_lse)
+        return linear_forward(hidden, weight, bias, plan, transform, options, save_lse)
 
-    def linear_backward(self, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                        need_hidden, need_weight, need_bias, deterministic=False, grad_filter_eps=0.0,
-                        extra=None):
+    def linear_backward(self, hidden, weight, bias, plan, transform, options, lse, grad_seq,
+                        need_hidden, need_weight, need_bias, extra=None):
         from ..kernels.linear_backward import linear_backward
-        return linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                               need_hidden, need_weight, need_bias, deterministic, grad_filter_eps)
+        return linear_backward(hidden, weight, bias, plan, transform, options, lse, grad_seq,
+                               need_hidden, need_weight, need_bias)

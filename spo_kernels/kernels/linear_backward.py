@@ -63,7 +63,7 @@ from .linear_config import LinearKernelConfig, kernel_config
 from .linear_forward import _logit_tile, _prep, _softcap_args
 from .linear_plan import plan_backward
 from .triton_helpers import dot_acc, dot_mode, finish, swizzle
-from .types import LinearGrads
+from .types import KernelOptions, LinearGrads, LogitTransform
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +77,12 @@ def _grad_logits_kernel(
     tok_start, n_tok, v_start, n_v, H, stride_h, stride_w, stride_dz, group, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT: tl.constexpr, NEED_DB: tl.constexpr,
     FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    weights_ptr=None, HAS_WEIGHTS: tl.constexpr = False,
 ):
     """Program (token block, vocab block) of the current (chunk x range) block: recompute the logit tile,
     write ``dz_raw`` (input dtype) at ``dz[local token, local col]``, its fp32 column sums for the bias at
-    ``db_part[token block, local col]`` and, with FILTER, the tile's skip flag."""
+    ``db_part[token block, local col]`` and, with FILTER, the tile's skip flag. HAS_WEIGHTS: token t's
+    upstream gradient is ``g_s w_t`` (``weights [Nc]`` fp32, SPEC 8)."""
     pid = tl.program_id(0)
     num_tb = tl.cdiv(n_tok, BLOCK_N)
     num_vb = tl.cdiv(n_v, BLOCK_V)
@@ -93,6 +95,8 @@ def _grad_logits_kernel(
     sid = tl.load(seq_id_ptr + rows, mask=row_mask, other=0)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(grad_seq_ptr + sid, mask=row_mask, other=0.0)
+    if HAS_WEIGHTS:
+        g = g * tl.load(weights_ptr + rows, mask=row_mask, other=0.0)
     local_cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = local_cols < n_v
     cols = v_start + local_cols
@@ -258,20 +262,23 @@ class BlockLaunches:
     ``db_part`` / ``skip``: the bias partials and the filter flags (any tensor when unused).
     """
 
-    def __init__(self, cfg: LinearKernelConfig, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq,
-                 grad_filter_eps, db_part, skip):
+    def __init__(self, cfg: LinearKernelConfig, hidden, weight, bias, plan, transform: LogitTransform, lse,
+                 grad_seq, grad_filter_eps, db_part, skip):
         self.cfg, self.hidden, self.weight, self.bias = cfg, hidden, weight, bias
         self.token_idx = plan.token_idx.contiguous()
         self.targets = plan.targets.contiguous()
         self.seq_id = plan.seq_id.contiguous()
         self.lse = lse.contiguous().float()
         self.grad_seq = grad_seq.contiguous().float()
-        self.softcap_v, self.inv_temp = _softcap_args(softcap, temperature)
-        self.has_softcap = softcap is not None
+        self.softcap_v, self.inv_temp, self.has_softcap = _softcap_args(transform)
         self.eps = float(grad_filter_eps)
         self.use_filter = grad_filter_eps > 0
         self.db_part, self.skip = db_part, skip
         self.dot = dot_mode(hidden.dtype)
+        # Token weights: the switch only when on (the launch without them is exactly the one of before).
+        weights = getattr(plan, "token_weights", None)
+        self.weight_args = {} if weights is None else dict(weights_ptr=weights.contiguous().float(),
+                                                            HAS_WEIGHTS=True)
 
     def grad_logits(self, dz_buf, stride, tok_start, n_tok, v_start, n_v, with_db):
         """dz of the block into ``dz_buf`` (row stride ``stride``), bias partials if ``with_db``."""
@@ -282,7 +289,7 @@ class BlockLaunches:
             tok_start, n_tok, v_start, n_v, hidden.shape[1], hidden.stride(0), weight.stride(0), stride,
             cfg.group, self.softcap_v, self.inv_temp, self.eps,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=self.has_softcap, DOT=self.dot, NEED_DB=with_db,
-            FILTER=self.use_filter, **cfg.launch("linear_dz"))
+            FILTER=self.use_filter, **cfg.launch("linear_dz"), **self.weight_args)
 
     def dw_gemm(self, dz_buf, stride, acc, out, tok_start, n_tok, v_start, n_v, load_acc, store_out):
         """``dW[v_start:v_start+n_v] (+)= dz^T h[chunk]`` (see ``_dw_gemm_kernel``)."""
@@ -307,21 +314,22 @@ class BlockLaunches:
             SKIP_BN=cfg.block_n, SKIP_BV=cfg.block_v, **launch)
 
 
-def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_seq, need_hidden, need_weight,
-                    need_bias, deterministic=False, grad_filter_eps=0.0):
+def linear_backward(hidden, weight, bias, plan, transform: LogitTransform, options: KernelOptions, lse, grad_seq,
+                    need_hidden, need_weight, need_bias):
     """Gradients of ``sum_s grad_seq[s] * L_s`` w.r.t. hidden, weight and bias, by streaming dz.
 
     Args:
-        hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` | None, plan, softcap, temperature: as in forward.
+        hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` | None, plan, transform: as in forward.
+        options: :class:`KernelOptions`. ``deterministic`` is accepted: every mode of this backend is bitwise
+            reproducible (docs/numerics.md §5). ``grad_filter_eps > 0`` skips tiles whose
+            ``|g (onehot - softmax)|`` is below it everywhere.
         lse: ``[Nc]`` fp32 from :func:`linear_forward`. grad_seq: ``[S]`` upstream gradient ``dloss/dL_s``.
         need_hidden / need_weight / need_bias: which gradients to compute (a frozen head skips dW).
-        deterministic: accepted; every mode of this backend is bitwise reproducible (docs/numerics.md §5).
-        grad_filter_eps: > 0 skips tiles whose ``|g (onehot - softmax)|`` is below it everywhere.
     Returns:
         :class:`~spo_kernels.kernels.types.LinearGrads`: ``dhidden [N, H]`` in hidden's dtype (zero on rows
         outside the plan), ``dweight [V, H]`` / ``dbias [V]`` in their parameter's dtype; None where not needed.
     """
-    del deterministic  # every path is deterministic
+    grad_filter_eps = float(options.grad_filter_eps)  # options.deterministic: every path is deterministic
     hidden, weight, bias = _prep(hidden, weight, bias)
     need_bias = bool(need_bias and bias is not None)
     device = hidden.device
@@ -369,8 +377,7 @@ def linear_backward(hidden, weight, bias, plan, softcap, temperature, lse, grad_
     db_part = TH.empty(bp.db_part_shape, f32, device) if need_bias else dz
     skip = TH.empty((bp.num_skip_flags,), torch.int8, device) if use_filter else dz
 
-    run = BlockLaunches(cfg, hidden, weight, bias, plan, softcap, temperature, lse, grad_seq, grad_filter_eps,
-                        db_part, skip)
+    run = BlockLaunches(cfg, hidden, weight, bias, plan, transform, lse, grad_seq, grad_filter_eps, db_part, skip)
     grad_logits = run.grad_logits
 
     def dw_gemm(dz_buf, stride, tok_start, n_tok, v_start, n_v, load_acc, store_out):

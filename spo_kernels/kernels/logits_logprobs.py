@@ -2,8 +2,12 @@
 
 Host launchers (the :class:`spo_kernels.backends.Backend` ops of the ``triton`` backend):
 
-- ``logits_forward(logits [N, V], plan, softcap, temperature) -> (seq_logps [S], lse [Nc])``
-- ``logits_backward(logits [N, V], plan, softcap, temperature, lse [Nc], grad_seq [S], out [N, V])``
+- ``logits_forward(logits [N, V], plan, transform, options) -> LogprobResult(seq_logps [S], lse [Nc], stats)``
+- ``logits_backward(logits [N, V], plan, transform, lse [Nc], grad_seq [S], out [N, V])``
+
+The kernels take (softcap, temperature): a :class:`~spo_kernels.kernels.types.LogitTransform`'s multiplier
+is folded into both (``LogitTransform.folded``: ``c tanh(m x / c) / tau = c' tanh(x / c') / tau'`` with
+``c' = c / m``, ``tau' = tau / m``), so the math below holds for every transform.
 
 Math, for a plan token t (row r of the flattened logits, target y, sequence s) with raw logits x = logits[r]:
 
@@ -75,7 +79,10 @@ import triton.language as tl
 
 from . import triton_helpers as TH
 from . import tuning
+from .logits_stats import _token_stats
+from .logits_tiles import _NO_MAX, _col_offsets, _load_tile, _transform
 from .triton_helpers import tanh_sech2
+from .types import KernelOptions, LogitTransform, LogprobResult, TokenStats
 
 Tensor = torch.Tensor
 
@@ -93,44 +100,8 @@ BLOCK_T = 256
 # device helpers
 # ---------------------------------------------------------------------------------------------------
 
-@triton.jit
-def _transform(x, softcap, temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
-    """SPEC 2 transform ``z = (c * tanh(x / c)) / tau`` in the compute dtype."""
-    z = x
-    if HAS_SOFTCAP:
-        t, _ = tanh_sech2(x / softcap)
-        z = softcap * t
-    if HAS_TEMPERATURE:
-        z = z / temperature
-    return z
-
-
-@triton.jit
-def _col_offsets(vcols, stride_col, UNIT_COL_STRIDE: tl.constexpr):
-    """Column offsets of a tile: int32 for a contiguous row (vectorizable), int64 otherwise."""
-    if UNIT_COL_STRIDE:
-        return vcols
-    else:
-        return vcols.to(tl.int64) * stride_col
-
-
-# ---------------------------------------------------------------------------------------------------
-# forward
-# ---------------------------------------------------------------------------------------------------
-
-# Initial running max of every lane: finite, below any finite logit, so ``m_new`` is never -inf and
-# ``exp(min(m, z) - m_new)`` never sees (-inf) - (-inf). With s = 0 it carries no mass.
-_NO_MAX = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX, exact in fp32 and fp64
-
-
-@triton.jit
-def _load_tile(row_ptr, vcols, V, stride_col, UNIT_COL_STRIDE: tl.constexpr, MASKED: tl.constexpr):
-    """One vocab tile of a row, in the logits' dtype; only the last tile is ``MASKED`` (lanes >= V read 0)."""
-    col_off = _col_offsets(vcols, stride_col, UNIT_COL_STRIDE)
-    if MASKED:
-        return tl.load(row_ptr + col_off, mask=vcols < V, other=0.0)
-    else:
-        return tl.load(row_ptr + col_off)
+# ``_transform`` (SPEC 2 in the compute dtype), ``_col_offsets``, ``_load_tile`` and the initial running max
+# ``_NO_MAX`` live in ``logits_tiles`` (shared with the statistics' pass in ``logits_stats``).
 
 
 @triton.jit
@@ -152,28 +123,10 @@ def _fold_tile(m, s, x, vcols, V, softcap, temperature,
 
 
 @triton.jit
-def _token_logprob_kernel(
-    logits_ptr,        # [N, V] fp32/bf16/fp16/fp64
-    token_idx_ptr,     # [Nc] int64, row of each plan token
-    targets_ptr,       # [Nc] int64, its label in [0, V)
-    lse_ptr,           # [Nc] out, ACC
-    token_logp_ptr,    # [Nc] out, ACC
-    V, stride_row, stride_col,
-    softcap, temperature,
-    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    """Program t: ``lse[t]`` and ``logp[t]`` of plan token t, streaming its row in ``BLOCK_V`` tiles.
-
-    PREFETCH: the next full tile is loaded (into registers) before the current one is folded, so each
-    program keeps two tiles of loads in flight instead of one (module docstring, "Tuning and the
-    prefetching forward")."""
-    t = tl.program_id(0)  # plan token: grid axis 0 (up to 2^31 - 1 programs)
-    row = tl.load(token_idx_ptr + t).to(tl.int64)
-    target = tl.load(targets_ptr + t).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row  # 64-bit: row * stride may pass 2^31
-    cols = tl.arange(0, BLOCK_V)
-
+def _token_lse(row_ptr, cols, V, stride_col, target, t, lse_ptr, token_logp_ptr, softcap, temperature,
+               HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+               ACC: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
+    """The body of :func:`_token_logprob_kernel` without statistics: ``lse[t]`` and ``logp[t]``."""
     # Per-lane online log-sum-exp: lane v holds the max m_v and s_v = sum exp(z - m_v) over the
     # columns v, v + BLOCK_V, ...; no cross-lane reduction until the end.
     m = tl.full([BLOCK_V], _NO_MAX, ACC)
@@ -209,21 +162,63 @@ def _token_logprob_kernel(
 
 
 @triton.jit
+def _token_logprob_kernel(
+    logits_ptr,        # [N, V] fp32/bf16/fp16/fp64
+    token_idx_ptr,     # [Nc] int64, row of each plan token
+    targets_ptr,       # [Nc] int64, its label in [0, V)
+    lse_ptr,           # [Nc] out, ACC
+    token_logp_ptr,    # [Nc] out, ACC
+    V, stride_row, stride_col,
+    softcap, temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
+    stats_ptr=None,    # [4, Nc] out, ACC (STATS only): entropy, log sum p^2, mean logit, target is argmax
+    num_tokens=None,   # Nc (STATS only)
+    STATS: tl.constexpr = False,
+):
+    """Program t: ``lse[t]`` and ``logp[t]`` of plan token t, streaming its row in ``BLOCK_V`` tiles.
+
+    PREFETCH: the next full tile is loaded (into registers) before the current one is folded, so each
+    program keeps two tiles of loads in flight instead of one (module docstring, "Tuning and the
+    prefetching forward").
+    STATS: also the per-token statistics, from the same pass (:func:`_fold_tile_stats`; its own plain loop,
+    so the code without statistics is exactly what it was)."""
+    t = tl.program_id(0)  # plan token: grid axis 0 (up to 2^31 - 1 programs)
+    row = tl.load(token_idx_ptr + t).to(tl.int64)
+    target = tl.load(targets_ptr + t).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row  # 64-bit: row * stride may pass 2^31
+    cols = tl.arange(0, BLOCK_V)
+
+    if STATS:
+        _token_stats(row_ptr, cols, V, stride_col, target, t, num_tokens, lse_ptr, token_logp_ptr, stats_ptr,
+                     softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, BLOCK_V)
+    else:
+        _token_lse(row_ptr, cols, V, stride_col, target, t, lse_ptr, token_logp_ptr, softcap, temperature,
+                   HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, BLOCK_V, PREFETCH)
+
+
+@triton.jit
 def _segment_sum_kernel(
     token_logp_ptr,    # [Nc] ACC
     seq_offsets_ptr,   # [S+1] int64: sequence s owns plan entries [off[s], off[s+1])
     seq_logp_ptr,      # [S] out, float64
     BLOCK_T: tl.constexpr,
+    weights_ptr=None,  # [Nc] fp32 token weights (HAS_WEIGHTS only)
+    HAS_WEIGHTS: tl.constexpr = False,
 ):
-    """``L_s = sum_{t in [off[s], off[s+1])} logp_t`` in float64 (SPEC 7: an fp32 sum of 8k log-probs
-    loses ~5e-4 of a DPO loss), fixed order (deterministic); empty runs give 0."""
+    """``L_s = sum_{t in [off[s], off[s+1])} w_t logp_t`` in float64 (SPEC 7: an fp32 sum of 8k log-probs
+    loses ~5e-4 of a DPO loss), fixed order (deterministic); empty runs give 0; ``w_t = 1`` without
+    HAS_WEIGHTS (SPEC 8)."""
     seq = tl.program_id(0)
     start = tl.load(seq_offsets_ptr + seq)
     end = tl.load(seq_offsets_ptr + seq + 1)
     acc = tl.zeros([BLOCK_T], tl.float64)
     for t0 in range(start, end, BLOCK_T):
         idx = t0 + tl.arange(0, BLOCK_T)
-        acc += tl.load(token_logp_ptr + idx, mask=idx < end, other=0.0).to(tl.float64)
+        logp = tl.load(token_logp_ptr + idx, mask=idx < end, other=0.0).to(tl.float64)
+        if HAS_WEIGHTS:
+            logp = logp * tl.load(weights_ptr + idx, mask=idx < end, other=0.0).to(tl.float64)
+        acc += logp
     tl.store(seq_logp_ptr + seq, tl.sum(acc, axis=0))
 
 
@@ -276,6 +271,8 @@ def _logits_backward_kernel(
     softcap, temperature,
     HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    weights_ptr=None,  # [Nc] fp32 token weights w_t (HAS_WEIGHTS only): the gradient carries g_s w_t
+    HAS_WEIGHTS: tl.constexpr = False,
 ):
     r = tl.program_id(0).to(tl.int64)  # row of [N, V]: grid axis 0
     t = tl.load(row_token_ptr + r)
@@ -287,6 +284,8 @@ def _logits_backward_kernel(
         target = tl.load(targets_ptr + t)
         lse = tl.load(lse_ptr + t).to(ACC)
         g = tl.load(grad_seq_ptr + tl.load(seq_id_ptr + t)).to(ACC)
+        if HAS_WEIGHTS:
+            g = g * tl.load(weights_ptr + t).to(ACC)
         for v0 in range(0, v_full, BLOCK_V):
             _grad_tile(in_row, out_row, v0 + cols, V, stride_in_col, stride_out_col, target, lse, g, softcap,
                        temperature, HAS_SOFTCAP, HAS_TEMPERATURE, UNIT_COL_STRIDE, ACC, False)
@@ -350,7 +349,10 @@ def launch_params(kernel: str, dtype: torch.dtype, vocab: int, device) -> dict:
     return params
 
 
-def _transform_args(softcap, temperature):
+def _transform_args(transform: LogitTransform):
+    """Kernel arguments ``(softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)`` of ``transform``, the
+    multiplier folded into softcap and temperature (:meth:`LogitTransform.folded`)."""
+    softcap, temperature = transform.folded()
     has_softcap = softcap is not None
     has_temperature = float(temperature) != 1.0
     return (float(softcap) if has_softcap else 1.0, float(temperature), has_softcap, has_temperature)
@@ -361,16 +363,17 @@ def _check_logits_2d(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be [N, V] (2-D), got shape {tuple(x.shape)}")
 
 
-def logits_forward(logits: Tensor, plan, softcap, temperature):
+def logits_forward(logits: Tensor, plan, transform: LogitTransform, options: KernelOptions) -> LogprobResult:
     """Per-sequence summed completion log-probs and the per-token LSE, from logits.
 
     Args:
         logits: ``[N, V]`` fp32/bf16/fp16 (float64 for tests), any row stride.
         plan: :class:`spo_kernels.layout.TokenPlan` over the N rows (its tensors on logits' device).
-        softcap: c of ``z <- c tanh(z / c)``, or None.  temperature: tau of ``z <- z / tau``.
+        transform: the :class:`LogitTransform` (multiplier, softcap, temperature).
+        options: :class:`KernelOptions`; ``token_stats`` adds the per-token statistics.
     Returns:
-        ``(seq_logps [S] float64, lse [Nc])``, lse fp32 (float64 for float64 logits); ``lse`` is what
-        :func:`logits_backward` needs.
+        :class:`LogprobResult`: ``seq_logps [S] float64``, ``lse [Nc]`` fp32 (float64 for float64 logits),
+        what :func:`logits_backward` needs; ``stats`` or None.
     """
     _check_logits_2d("logits", logits)
     acc_torch, acc_tl = _acc_dtypes(logits.dtype)
@@ -382,26 +385,35 @@ def logits_forward(logits: Tensor, plan, softcap, temperature):
     lse = TH.empty((num_tokens,), acc_torch, device)
     token_logp = TH.empty((num_tokens,), acc_torch, device)
     seq_logps = TH.empty((num_seqs,), torch.float64, device)  # per-sequence sums in float64 (SPEC 7)
-    softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(softcap, temperature)
+    want_stats = bool(options.token_stats)
+    stats = TH.empty((4, num_tokens), acc_torch, device) if want_stats else None
+    weights = plan.token_weights
+    # The switches only when on: the launches without them are exactly the ones of before.
+    extra_fwd = dict(stats_ptr=stats, num_tokens=num_tokens, STATS=True) if want_stats else {}
+    extra_sum = dict(weights_ptr=weights.contiguous(), HAS_WEIGHTS=True) if weights is not None else {}
+    softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(transform)
     if num_tokens > 0:
         fwd = launch_params("logits_fwd", logits.dtype, vocab, device)
+        if want_stats and logits.dtype == torch.float64:
+            # Seven per-lane float64 vectors: 4096 lanes would spill (tests-only dtype).
+            fwd["block_v"] = min(fwd["block_v"], 1024)
         with TH.device_guard(logits):
             _token_logprob_kernel[(num_tokens,)](
                 logits, plan.token_idx, plan.targets, lse, token_logp,
                 vocab, logits.stride(0), logits.stride(1), softcap_v, temperature_v,
                 HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
                 UNIT_COL_STRIDE=logits.stride(1) == 1, ACC=acc_tl, BLOCK_V=fwd["block_v"],
-                PREFETCH=bool(fwd["prefetch"]), num_warps=fwd["num_warps"],
+                PREFETCH=bool(fwd["prefetch"]), num_warps=fwd["num_warps"], **extra_fwd,
             )
     if num_seqs > 0:
         with TH.device_guard(logits):
             _segment_sum_kernel[(num_seqs,)](
-                token_logp, plan.seq_offsets, seq_logps, BLOCK_T=BLOCK_T, num_warps=4,
+                token_logp, plan.seq_offsets, seq_logps, BLOCK_T=BLOCK_T, num_warps=4, **extra_sum,
             )
-    return seq_logps, lse
+    return LogprobResult(seq_logps, lse, TokenStats(*stats.unbind(0)) if want_stats else None)
 
 
-def logits_backward(logits: Tensor, plan, softcap, temperature, lse: Tensor, grad_seq: Tensor,
+def logits_backward(logits: Tensor, plan, transform: LogitTransform, lse: Tensor, grad_seq: Tensor,
                     out: Tensor) -> None:
     """``out[r] = g_s * (onehot(y) - softmax(z)) * dz/dx`` for plan rows r, 0 for every other row.
 
@@ -429,8 +441,10 @@ def logits_backward(logits: Tensor, plan, softcap, temperature, lse: Tensor, gra
     row_token = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
     if plan.num_tokens > 0:
         row_token[plan.token_idx] = torch.arange(plan.num_tokens, dtype=torch.int32, device=device)
-    softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(softcap, temperature)
+    softcap_v, temperature_v, has_softcap, has_temperature = _transform_args(transform)
     bwd = launch_params("logits_bwd", logits.dtype, vocab, device)
+    weights = plan.token_weights
+    extra = dict(weights_ptr=weights.contiguous(), HAS_WEIGHTS=True) if weights is not None else {}
     with TH.device_guard(logits):
         _logits_backward_kernel[(num_rows,)](
             logits, out, row_token, plan.targets, plan.seq_id, lse.contiguous(), grad_seq.contiguous(),
@@ -438,5 +452,5 @@ def logits_backward(logits: Tensor, plan, softcap, temperature, lse: Tensor, gra
             softcap_v, temperature_v,
             HAS_SOFTCAP=has_softcap, HAS_TEMPERATURE=has_temperature,
             UNIT_COL_STRIDE=(logits.stride(1) == 1 and out.stride(1) == 1), ACC=acc_tl, BLOCK_V=bwd["block_v"],
-            num_warps=bwd["num_warps"],
+            num_warps=bwd["num_warps"], **extra,
         )

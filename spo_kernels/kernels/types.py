@@ -43,6 +43,16 @@ class LogitTransform:
     def is_identity(self) -> bool:
         return self.multiplier == 1.0 and self.softcap is None and self.temperature == 1.0
 
+    def folded(self) -> "tuple[Optional[float], float]":
+        """``(softcap, temperature)`` of the same transform with the multiplier folded in (multiplier 1):
+        ``c tanh(m x / c) / tau = c' tanh(x / c') / tau'`` with ``c' = c / m`` and ``tau' = tau / m``, and
+        ``m x / tau = x / tau'`` without softcap. The chain rule folds the same way
+        (``dz/dx = m (1 - tanh^2) / tau = (1 - tanh^2) / tau'``), so kernels written for (softcap,
+        temperature) compute every transform, and the multiplier costs them nothing."""
+        m = float(self.multiplier)
+        softcap = None if self.softcap is None else float(self.softcap) / m
+        return softcap, float(self.temperature) / m
+
 
 IDENTITY = LogitTransform()
 
@@ -68,6 +78,21 @@ class KernelOptions:
 DEFAULT_OPTIONS = KernelOptions()
 
 
+class LogprobResult(NamedTuple):
+    """What a backend's forward op returns (``logits_forward`` / ``linear_forward``).
+
+    seq_logps: ``[S]`` float64, ``L_s = sum_t w_t logp_t`` over the plan's tokens of sequence s
+               (``w_t = 1`` without token weights).
+    lse:       ``[Nc]`` fp32 (float64 for float64 inputs), the log-sum-exp of each plan token's transformed
+               logits (what the backward needs); None where not saved, or from an autograd backend.
+    stats:     :class:`TokenStats` when ``options.token_stats``, else None.
+    """
+
+    seq_logps: torch.Tensor
+    lse: Optional[torch.Tensor]
+    stats: Optional["TokenStats"] = None
+
+
 class TokenStats(NamedTuple):
     """Per-token statistics of SPEC 8, one entry per plan token (``[Nc]``, fp32, detached), computed on
     the transformed logits ``z`` in the same pass as the log-sum-exp:
@@ -75,7 +100,10 @@ class TokenStats(NamedTuple):
     entropy:      ``H_t = lse_t - sum_v p_v z_v``.
     log_sum_p2:   ``log sum_v p_v^2 = logsumexp(2 z) - 2 lse`` (WPO's weight adjustment).
     mean_logit:   ``mean_v z_v`` (the ``logits/chosen`` / ``logits/rejected`` metrics).
-    is_argmax:    1.0 where the target is an argmax of ``z`` (``mean_token_accuracy``), else 0.0.
+    is_argmax:    1.0 where the target is the first argmax of ``z`` (``torch.argmax``; TRL's ``is_top1``: a tie
+                  with an earlier token does not count), else 0.0 (``mean_token_accuracy``).
+
+    All four on the transformed logits (multiplier, softcap, temperature applied), as TRL 1.16's fused head.
     """
 
     entropy: torch.Tensor
