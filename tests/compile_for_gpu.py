@@ -44,7 +44,10 @@ Runs on the CPU only (no kernel executes). What it does:
 Usage::
 
     python tests/compile_for_gpu.py [--sets test,G1,G2] [--jobs N] [--json OUT.json] [--table OUT.md]
-                                    [--compare OTHER.json]
+                                    [--compare OTHER.json] [--distinct]
+
+``--distinct`` (what CI's test runs; ``SPO_LONG_TESTS=1`` runs them all) compiles one test-set variant per
+code path: variants that differ only in which integer arguments are divisible by 16 are left out.
 
 Prints one line per variant; exits 1 if a variant fails to compile, a kernel of the kernel files is never
 launched, or the spill probe fails. Spills are reported, not judged: ``tests/test_compile_for_gpu.py``
@@ -361,6 +364,28 @@ def record_g2() -> None:
 RECORDERS = {"test": record_test_shapes, "G1": record_g1, "G2": record_g2}
 
 
+def keep_distinct() -> int:
+    """Drop the test-set variants that differ from a kept one only in which integer arguments are divisible
+    by 16 (their code path is the same; the alignment of pointers and the ints specialized to 1 still tell
+    variants apart); every variant of the benchmark sets G1 / G2 is kept. Returns how many were dropped."""
+    seen, kept = set(), {}
+    for benchmark_first in (True, False):
+        for key, v in VARIANTS.items():
+            if (set(v.shape_sets) != {"test"}) != benchmark_first:
+                continue
+            d = v.describe()
+            code_path = json.dumps([d["kernel"], d["signature"], d["constexprs"], d["ints_equal_1"],
+                                    d["unaligned_pointers"], d["num_warps"], d["num_stages"]], sort_keys=True)
+            if benchmark_first or code_path not in seen:
+                kept[key] = v
+            seen.add(code_path)
+    dropped = len(VARIANTS) - len(kept)
+    order = list(VARIANTS)
+    VARIANTS.clear()
+    VARIANTS.update(sorted(kept.items(), key=lambda kv: order.index(kv[0])))  # first-launch order
+    return dropped
+
+
 def record(shape_sets) -> None:
     _check_run_preamble()
     for m in KERNEL_MODULES:
@@ -632,6 +657,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the full report (every variant) here")
     ap.add_argument("--table", help="write the markdown table here")
     ap.add_argument("--compare", help="a --json report from another Triton version, compared in the table")
+    ap.add_argument("--distinct", action="store_true",
+                    help="compile one test-set variant per code path (see keep_distinct); CI's quick run")
     args = ap.parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
     if set(sets) - set(SHAPE_SETS):
@@ -639,8 +666,10 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     record(sets)
+    dropped = keep_distinct() if args.distinct else 0
     print(f"triton {triton.__version__}: {len(VARIANTS)} kernel variants to compile for sm_90 "
-          f"(recorded in {time.time() - t_start:.1f}s, {args.jobs} processes)", flush=True)
+          f"(recorded in {time.time() - t_start:.1f}s, {args.jobs} processes"
+          f"{f'; {dropped} differing only in integer divisibility left out' if dropped else ''})", flush=True)
     launched = {v.name for v in VARIANTS.values()}
     missing = sorted(set(KERNELS) - launched)
 
