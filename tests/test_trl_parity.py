@@ -134,6 +134,7 @@ class _FusedHeadModel:
     """A model whose forward returns fixed per-token outputs, as TRL's fused LM head would."""
 
     is_gradient_checkpointing = False
+    _modules: dict = {}  # no submodules (accelerate's compiled-region check reads it when peft is installed)
 
     def __init__(self, outputs, training=True):
         self.outputs = outputs
