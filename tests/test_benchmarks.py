@@ -56,3 +56,13 @@ def test_pytest_benchmark_suite_runs(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+def test_stats_cost_measures_both_settings(capsys):
+    """The statistics' cost script times the forward with token_stats off and on for each backend and path
+    (it asserts the statistics were computed exactly when asked) and prints one row each."""
+    from benchmarks import stats_cost
+    assert stats_cost.main(["--backends", "torch", "--tokens", "24", "--hidden", "16", "--vocab", "97",
+                            "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| torch |")]
+    assert len(rows) == 2 and all(float(r.split("|")[5].strip().rstrip("x")) > 0 for r in rows)
