@@ -23,26 +23,7 @@ from training.modeling import BuiltinModelSize, PolicyWithLoss, build_builtin_mo
 from training.task import make_pairs, make_problems  # noqa: E402
 from training.tokenizer import CharTokenizer  # noqa: E402
 
-TINY = dict(builtin_hidden_size=32, builtin_layers=2, builtin_heads=2)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    write_preference_jsonl(str(path), make_pairs(make_problems(24, seed=3), seed=4))
-    return str(path)
-
-
-def tiny_config(data_file, out_dir, **overrides) -> TrainConfig:
-    values = dict(data=data_file, out_dir=str(out_dir), max_steps=3, batch_size=4, lr=1e-3, beta=0.5,
-                  progress=False, plot=False, num_threads=1, **TINY)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from train_fixtures import TINY, data_file, read_metrics, tiny_config  # noqa: E402,F401
 
 
 def assert_runs_close(a, b, rtol, atol, keys=("loss", "rewards/margins", "logps/chosen", "logps/rejected"),
