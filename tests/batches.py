@@ -97,6 +97,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def assert_grad_close(name: str, got: Optional[torch.Tensor], want: Optional[torch.Tensor], dtype: torch.dtype,
+                      tol: float) -> None:
+    """A gradient is None exactly when expected, else in ``dtype`` and within ``tol`` relative in norm."""
+    if want is None:
+        assert got is None, f"d{name}: expected no gradient"
+        return
+    assert got is not None, f"d{name} missing"
+    assert got.dtype == dtype, f"d{name} dtype {got.dtype}, expected {dtype}"
+    err = rel_err(got, want)
+    assert err <= tol, f"d{name}: rel-norm error {err:.3e} > {tol}"
+
+
 def assert_close_scalar(a, b, rel, name="", scale=0.0):
     """|a - b| <= rel * max(|b|, scale): ``scale`` is the size of the terms a difference was taken of
     (a reward margin is a small difference of large log-probs)."""
@@ -281,13 +293,9 @@ def assert_matches_reference(out, grads, want, want_grads, *, dtype, cfg, anchor
     _assert_metrics(out, want, cfg, anchor, tol["loss"])
     for name, exp in want_grads.items():
         got = grads[name]
+        assert_grad_close(name, got, exp, dtype, tol["grad"])
         if exp is None:
-            assert got is None, f"d{name}: expected no gradient"
             continue
-        assert got is not None, f"d{name} missing"
-        assert got.dtype == dtype, f"d{name} dtype {got.dtype}, expected {dtype}"
-        err = rel_err(got, exp)
-        assert err <= tol["grad"], f"d{name}: rel-norm error {err:.3e} > {tol['grad']}"
         if zero_rows is not None and name in ("logits", "hidden"):
             rows = got.reshape(-1, got.shape[-1])[zero_rows.reshape(-1)]
             assert bool((rows == 0).all()), f"d{name} is not exactly 0 outside the completions"

@@ -337,6 +337,16 @@ def test_a_model_that_scales_its_logits_is_refused():
         lm_head(model)
 
 
+def test_a_model_that_transforms_its_hidden_states_is_refused():
+    """MiniCPM's ``dim_model_base`` rescales the hidden states before the head: refused, as the integration
+    refuses it, never trained on wrong log-probs."""
+    from training import lm_head
+    model = build_builtin_model(CharTokenizer(), BuiltinModelSize(32, 2, 2, 64), seed=1)
+    model.config.dim_model_base = 256
+    with pytest.raises(NotImplementedError, match="dim_model_base"):
+        lm_head(model)
+
+
 def test_multi_loss_and_f_divergence_from_the_command_line(data_file, tmp_path):
     from spo_kernels import config as loss_config_module
     from training.__main__ import config_from_args

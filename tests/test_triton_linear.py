@@ -20,7 +20,7 @@ import spo_kernels as sk
 from spo_kernels.kernels import linear_logprobs as LL
 from spo_kernels.layout import build_plan
 from spo_kernels.kernels.types import KernelOptions, LogitTransform
-from batches import assert_close_scalar, rel_err
+from batches import assert_close_scalar, assert_grad_close, rel_err
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-3, 2e-2), torch.float16: (1e-3, 2e-2)}
 
@@ -138,14 +138,7 @@ def plan_rows(case):
 def check_grads(grads, ref_grads, case, dtype, names=("hidden", "weight", "bias")):
     gtol = TOL[dtype][1]
     for name in names:
-        got, want = grads[name], ref_grads[name]
-        if want is None:
-            assert got is None, f"d{name}: expected None"
-            continue
-        assert got is not None, f"d{name} missing"
-        assert got.dtype == dtype, f"d{name} dtype {got.dtype}, expected {dtype}"
-        err = rel_err(got, want)
-        assert err <= gtol, f"d{name}: rel-norm error {err:.3e} > {gtol}"
+        assert_grad_close(name, grads[name], ref_grads[name], dtype, gtol)
     if grads["hidden"] is not None:
         # Rows outside the plan (prompt, padding) get exactly zero.
         flat = grads["hidden"].reshape(-1, grads["hidden"].shape[-1])

@@ -249,7 +249,7 @@ def test_float64_log_probs_compute_in_float64():
     check_step(step, L, n, R, cfg, anchor, rtol=1e-7, grad_rtol=1e-7)
 
 
-def test_one_launch_and_views_of_one_buffer(monkeypatch):
+def _launch_counter(monkeypatch):
     launches = []
     kernel = loss_step_mod._loss_step_kernel
 
@@ -259,6 +259,11 @@ def test_one_launch_and_views_of_one_buffer(monkeypatch):
             return kernel[grid]
 
     monkeypatch.setattr(loss_step_mod, "_loss_step_kernel", Counting())
+    return launches
+
+
+def test_one_launch_and_views_of_one_buffer(monkeypatch):
+    launches = _launch_counter(monkeypatch)
     cfg = PreferenceLossConfig(loss_type="bco_pair", sft_weight=0.5, spo_lambda=1.0)
     P = 4
     L, n, R = make_inputs(P, seed=81)
@@ -284,19 +289,6 @@ FALLBACK_CONFIGS = {
     "alpha_divergence": dict(loss_type="hinge", f_divergence_type="alpha_divergence"),
     "wpo": dict(loss_type="sigmoid_norm", use_weighting=True),
 }
-
-
-def _launch_counter(monkeypatch):
-    launches = []
-    kernel = loss_step_mod._loss_step_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(loss_step_mod, "_loss_step_kernel", Counting())
-    return launches
 
 
 @pytest.mark.parametrize("name", list(FALLBACK_CONFIGS))

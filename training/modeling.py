@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from spo_kernels import fused_linear_preference_loss, fused_linear_sequence_logprobs
+from spo_kernels.integrations.hf import head_transform
 
 Tensor = torch.Tensor
 
@@ -83,22 +84,21 @@ class Head:
     softcap: Optional[float]
 
 
-# Model config fields that scale the logits (Cohere, Granite, and others).
-LOGIT_MULTIPLIER_FIELDS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
-
-
 def lm_head(model) -> Head:
     """The output embedding. With tied embeddings this *is* the input embedding Parameter, so the
-    head's gradient and the embedding's gradient accumulate into the same tensor, as they should."""
+    head's gradient and the embedding's gradient accumulate into the same tensor, as they should.
+
+    The head's logit transform is read as the integration reads it (``head_transform``): a softcap is
+    passed on; a model whose config scales or otherwise transforms its logits is refused (never silently
+    ignored, SPEC 6)."""
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    for name in LOGIT_MULTIPLIER_FIELDS:  # never silently ignored (SPEC 6)
-        value = getattr(model.config, name, None)
-        if value is not None and float(value) != 1.0:
-            raise ValueError(f"{type(model).__name__}: config.{name}={value} scales the logits, which the reference "
-                             f"trainer does not pass to the fused loss; this model is not supported here")
-    return Head(weight=head.weight, bias=bias, softcap=float(softcap) if softcap else None)
+    transform = head_transform(model.config)  # raises for transforms spo_kernels does not reproduce
+    if transform.multiplier != 1.0:
+        raise ValueError(f"{type(model).__name__}: its config (logit_scale, logits_scaling, output_multiplier or "
+                         f"lm_head_multiplier) scales the logits by {transform.multiplier}, which the "
+                         f"reference trainer does not pass to the fused loss; this model is not supported here")
+    return Head(weight=head.weight, bias=bias, softcap=transform.softcap)
 
 
 def final_hidden(model, input_ids: Tensor, attention_mask: Optional[Tensor],

@@ -33,7 +33,6 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from spo_kernels import fused_linear_sequence_logprobs
 from spo_kernels.integrations.anchor import one_step_anchor
 
 from . import distributed
@@ -42,8 +41,8 @@ from .checkpoint import (CHECKPOINT_DIR, FINAL_DIR, METRICS_FILE, keep_metrics_u
 from .config import TrainConfig
 from .data import (PackedPreferenceBatch, TokenizedPair, collate_packed, collate_pairs, completion_targets,
                    load_preference_jsonl, tokenize_pair)
-from .modeling import (BuiltinModelSize, PolicyWithLoss, SequenceLogps, build_builtin_model, final_hidden,
-                       lm_head, load_model)
+from .modeling import (BuiltinModelSize, PolicyWithLoss, SequenceLogps, build_builtin_model,
+                       lm_head, load_model, sequence_logprobs)
 from .tokenizer import CharTokenizer, load_tokenizer
 
 PLOT_FILE = "logps.png"
@@ -185,15 +184,13 @@ def rank_micro_batches(indices: List[int], runtime: distributed.Runtime, grad_ac
 def sequence_logps_of_pairs(model, pairs: List[TokenizedPair], tokenizer, batch_size: int,
                             backend: Optional[str] = None) -> torch.Tensor:
     """``[N, 2]`` fp32 (on the CPU) summed completion log-probs (chosen, rejected) of every pair, forward only."""
-    head = lm_head(model)
-    device = head.weight.device
+    device = lm_head(model).weight.device
     out = torch.empty(len(pairs), 2, dtype=torch.float32)
     for start in range(0, len(pairs), batch_size):
         idx = list(range(start, min(start + batch_size, len(pairs))))
         batch = make_batch(pairs, idx, tokenizer)
-        hidden = final_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device))
-        seq = fused_linear_sequence_logprobs(hidden, head.weight, batch.labels.to(device), head.bias,
-                                             softcap=head.softcap, backend=backend)
+        seq = sequence_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                batch.labels.to(device), backend=backend)
         P = len(idx)
         out[start:start + P, 0] = seq.logps[:P].float().cpu()
         out[start:start + P, 1] = seq.logps[P:].float().cpu()

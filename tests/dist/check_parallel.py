@@ -8,7 +8,6 @@ ranks, every parameter gradient after the wrapper's reduction, the parameters af
 a mismatch."""
 
 import copy
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from dist_common import report_and_exit  # noqa: E402
 from spo_kernels import PreferenceLossConfig  # noqa: E402
 from spo_kernels.integrations.hf import enable_fused_head  # noqa: E402
 
@@ -141,11 +141,4 @@ def main(mode):
 if __name__ == "__main__":
     info = main(sys.argv[1])
     ok = info.get("tp_head", "TypeError") == "TypeError" and info.get("anchor_err", 0.0) < TOL and info["loss_err"] < TOL and info["grad_err"] < TOL and info["param_err_after_step"] < TOL and info["ranks_in_sync"]
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(info), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: gloo's background threads can abort the process while it is destroyed.
-    os._exit(0 if ok else 1)
+    report_and_exit(info, ok)

@@ -3,7 +3,6 @@ SPOTrainer under DDP on the same tiny model and data. Every logged metric (gathe
 agree within tests/trl_parity.py's relative error, and after training both ranks must hold the same
 parameters. Prints one ``RESULT {json}`` line on rank 0; exits 1 on a mismatch."""
 
-import json
 import os
 import sys
 import tempfile
@@ -18,6 +17,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import trl_parity as tp  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from dist_common import report_and_exit  # noqa: E402
 from spo_kernels.integrations.trl import SPOConfig, SPOTrainer  # noqa: E402
 
 TOL = 1e-5
@@ -47,11 +47,4 @@ def main():
 if __name__ == "__main__":
     info = main()
     ok = info["max_err"] <= TOL and info["spo_ranks_in_sync"] and info["steps"] == 3
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(info), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: gloo's background threads can abort the process while it is destroyed.
-    os._exit(0 if ok else 1)
+    report_and_exit(info, ok)
