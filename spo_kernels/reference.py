@@ -171,11 +171,12 @@ def reference_pair_loss(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preferen
     R = R.detach().to(L.dtype)
     if cfg.use_weighting and seq_stats is None:
         raise ValueError("use_weighting=True (WPO) needs seq_stats")
+    pair_weights = _reference_wpo_weights(L, n, seq_stats) if cfg.use_weighting else None
     loss = 0.0
     for lt, weight in zip(cfg.loss_type, cfg.weights):
         per_pair = _reference_one_loss(lt, L, R, n_raw, cfg, bco_delta)
-        if cfg.use_weighting:
-            per_pair = per_pair * _reference_wpo_weights(L, n, seq_stats)
+        if pair_weights is not None:
+            per_pair = per_pair * pair_weights
         loss = loss + per_pair.mean() * weight
     if cfg.sft_weight > 0:
         loss = loss + cfg.sft_weight * (-L[:P].sum() / n_raw[:P].sum().clamp(min=1))
@@ -213,9 +214,10 @@ def reference_metrics(L: Tensor, n: Tensor, R: Optional[Tensor], cfg: Preference
     if seq_stats is not None:
         total, total_w, total_l = n_raw.sum(), n_raw[:P].sum(), n_raw[P:].sum()
         st = {k: v.to(L.dtype) for k, v in seq_stats._asdict().items()}
-        zero = torch.zeros((), dtype=L.dtype)
-        metrics["entropy"] = st["entropy_sum"].sum() / total if total > 0 else zero
-        metrics["logits/chosen"] = st["mean_logit_sum"][:P].sum() / total_w if total_w > 0 else zero
-        metrics["logits/rejected"] = st["mean_logit_sum"][P:].sum() / total_l if total_l > 0 else zero
-        metrics["mean_token_accuracy"] = st["argmax_hits"][:P].sum() / total_w if total_w > 0 else zero
+        # With no tokens the sums are 0 too: the clamp gives 0 on L's device, with no host sync.
+        total, total_w, total_l = total.clamp(min=1), total_w.clamp(min=1), total_l.clamp(min=1)
+        metrics["entropy"] = st["entropy_sum"].sum() / total
+        metrics["logits/chosen"] = st["mean_logit_sum"][:P].sum() / total_w
+        metrics["logits/rejected"] = st["mean_logit_sum"][P:].sum() / total_l
+        metrics["mean_token_accuracy"] = st["argmax_hits"][:P].sum() / total_w
     return metrics

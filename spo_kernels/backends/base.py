@@ -42,7 +42,7 @@ may return ``None`` for the LSEs, and its ``loss_step`` returns a differentiable
 from __future__ import annotations
 
 
-from ..kernels.types import (DEFAULT_OPTIONS, IDENTITY, KernelOptions, LinearGrads,  # noqa: F401  (re-exported)
+from ..kernels.types import (KernelOptions, LinearGrads,  # noqa: F401  (re-exported)
                              LogitTransform, LogprobResult, TokenStats)
 from ..losses import preference_loss_step
 

@@ -22,13 +22,6 @@ def _module_prefix(model, module) -> str:
     raise ValueError("the decoder is not a submodule of the model")
 
 
-def _param_name(model, tensor) -> Optional[str]:
-    for name, param in model.named_parameters():
-        if param is tensor:
-            return name
-    return None
-
-
 def _chosen_logps(decoder, params, head_weight, head_bias, transform, input_ids, attention_mask, targets, backend):
     out = functional_call(decoder, params, args=(),
                           kwargs=dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
@@ -116,20 +109,21 @@ def one_step_anchor(model, batch, alpha: float, normalize: str = "mean", backend
             import torch.distributed as dist
             dist.all_reduce(tokens)
         sft_loss = -seq.logps.sum() / tokens.clamp(min=1).to(seq.logps.dtype)
-        grads = torch.autograd.grad(sft_loss, list(trainable.values()), allow_unused=True)
+        params = list(trainable.values())
+        grads = torch.autograd.grad(sft_loss, params, allow_unused=True)
     if world > 1:
         import torch.distributed as dist
-        grads = list(grads)
-        for i, g in enumerate(grads):
-            g = torch.zeros_like(list(trainable.values())[i]) if g is None else g.contiguous()
+        grads = [torch.zeros_like(p) if g is None else g.contiguous() for p, g in zip(params, grads)]
+        for g in grads:
             dist.all_reduce(g)
-            grads[i] = g
     stepped = {name: (p.detach() if g is None else p.detach() - alpha * g)
                for (name, p), g in zip(trainable.items(), grads)}
     decoder_params = {n[len(prefix):]: t for n, t in stepped.items() if n.startswith(prefix)}
     # Tied heads are found under the embedding's name, so the stepped copy stays tied.
-    weight = stepped.get(_param_name(model, active.weight), active.weight)
-    bias = None if active.bias is None else stepped.get(_param_name(model, active.bias), active.bias)
+    # (A frozen head is not in ``trainable``: it keeps its own tensors.)
+    names = {id(p): n for n, p in trainable.items()}
+    weight = stepped.get(names.get(id(active.weight)), active.weight)
+    bias = None if active.bias is None else stepped.get(names.get(id(active.bias)), active.bias)
     with torch.no_grad():
         after = _chosen_logps(decoder, decoder_params, weight, bias, transform, input_ids, attention_mask, targets,
                               backend)

@@ -27,21 +27,13 @@ class LogitTransform:
     ``z <- softcap * tanh(z / softcap)`` (Gemma 2's final softcap), then ``z <- z / temperature``.
 
     One encoding of "off" for each: ``multiplier=1.0``, ``softcap=None``, ``temperature=1.0``. Kernels
-    specialize on :attr:`has_softcap` (a compile-time switch); the multiplier and temperature fold into
-    one runtime scale where softcap is off. Validated by the API layer (``spo_kernels.checks``).
+    specialize on whether softcap is set (a compile-time switch); the multiplier folds into softcap and
+    temperature (:meth:`folded`). Validated by the API layer (``spo_kernels.checks``).
     """
 
     multiplier: float = 1.0
     softcap: Optional[float] = None
     temperature: float = 1.0
-
-    @property
-    def has_softcap(self) -> bool:
-        return self.softcap is not None
-
-    @property
-    def is_identity(self) -> bool:
-        return self.multiplier == 1.0 and self.softcap is None and self.temperature == 1.0
 
     def folded(self) -> "tuple[Optional[float], float]":
         """``(softcap, temperature)`` of the same transform with the multiplier folded in (multiplier 1):
@@ -52,9 +44,6 @@ class LogitTransform:
         m = float(self.multiplier)
         softcap = None if self.softcap is None else float(self.softcap) / m
         return softcap, float(self.temperature) / m
-
-
-IDENTITY = LogitTransform()
 
 
 @dataclass(frozen=True)
@@ -73,9 +62,6 @@ class KernelOptions:
     deterministic: bool = False
     grad_filter_eps: float = 0.0
     token_stats: bool = False
-
-
-DEFAULT_OPTIONS = KernelOptions()
 
 
 class LogprobResult(NamedTuple):
