@@ -213,11 +213,9 @@ def sequence_stats(stats: Optional[TokenStats], plan: TokenPlan) -> Optional[Seq
     token weights apply to ``L`` only), detached."""
     if stats is None:
         return None
-    sums = []
-    for x in stats:
-        acc = torch.zeros(plan.num_seqs, dtype=torch.float64, device=x.device)
-        sums.append(acc.index_add_(0, plan.seq_id, x.detach().to(torch.float64)))
-    return SequenceStats(*sums)
+    per_token = torch.stack([x.detach() for x in stats], dim=1).to(torch.float64)  # [Nc, 4]: one pass
+    sums = torch.zeros(plan.num_seqs, len(stats), dtype=torch.float64, device=per_token.device)
+    return SequenceStats(*sums.index_add_(0, plan.seq_id, per_token).unbind(1))
 
 
 def autocast_operands(hidden, weight, bias):

@@ -71,8 +71,8 @@ def check_same_device(tensors: dict) -> None:
                      f"device (got {where})")
 
 
-def check_labels(labels) -> None:
-    check_tensor("labels", labels)
+def check_labels(labels, device=None) -> None:
+    check_tensor("labels", labels, device)
     if labels.dtype not in INT_DTYPES:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
 

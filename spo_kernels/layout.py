@@ -76,8 +76,7 @@ def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, d
     to word the error. Sequence ids and offsets come from ``searchsorted`` (no ``bincount``, which syncs
     for its output size, and no ``repeat_interleave`` without ``output_size``).
     """
-    check_labels(labels)
-    check_tensor("labels", labels, device)
+    check_labels(labels, device)
     if tuple(labels.shape) != tuple(lead_shape):
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(lead_shape)} "
                          f"(the input's shape without its last dim)")
@@ -112,10 +111,11 @@ def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, d
         raise ValueError(f"the number of sequences must be even (P chosen then P rejected), got {S}")
     flat = labels.reshape(-1)
     flat_weights = None if token_weights is None else token_weights.detach().reshape(-1)
-    if shift_labels:
-        flat = _shift(flat, ignore_index, T if cu is None else None, cu, num_rows)
+    if shift_labels and num_rows > 0:
+        last = _last_positions(T if cu is None else None, cu, num_rows, flat.device)
+        flat = _shift(flat, ignore_index, last)
         if flat_weights is not None:
-            flat_weights = _shift(flat_weights, 0.0, T if cu is None else None, cu, num_rows)
+            flat_weights = _shift(flat_weights, 0.0, last)
     mask = flat != ignore_index
     bad_label = mask & ((flat < 0) | (flat >= vocab_size))
     # Every data-dependent check in one device-side flag, read once.
@@ -145,20 +145,21 @@ def build_plan(labels: Tensor, vocab_size: int, ignore_index: int, lead_shape, d
                      seq_offsets=seq_offsets, counts=counts, num_rows=num_rows, token_weights=weights)
 
 
-def _shift(flat: Tensor, fill, row_len: Optional[int], cu: Optional[Tensor], num_rows: int) -> Tensor:
-    """``out[r] = flat[r + 1]`` within each sequence, ``fill`` at each sequence's last position (padded:
-    rows of ``row_len``; packed: the segments of ``cu``)."""
-    if num_rows == 0:
-        return flat
-    nxt = torch.cat([flat[1:], flat.new_full((1,), fill)])
+def _last_positions(row_len: Optional[int], cu: Optional[Tensor], num_rows: int, device) -> Tensor:
+    """``[N]`` bool: True at each sequence's last position (padded: rows of ``row_len``; packed: the
+    segments of ``cu``)."""
     if row_len is not None:
-        last = (torch.arange(num_rows, device=flat.device) % row_len) == row_len - 1
-    else:
-        # Position r is last when r + 1 starts the next segment (or is N). Out-of-range cu values are
-        # clamped here; they fail the plan's checks right after.
-        is_end = torch.zeros(num_rows + 1, dtype=torch.bool, device=flat.device)
-        is_end[cu[1:].clamp(0, num_rows)] = True
-        last = is_end[1:]
+        return (torch.arange(num_rows, device=device) % row_len) == row_len - 1
+    # Position r is last when r + 1 starts the next segment (or is N). Out-of-range cu values are clamped
+    # here; they fail the plan's checks right after.
+    is_end = torch.zeros(num_rows + 1, dtype=torch.bool, device=device)
+    is_end[cu[1:].clamp(0, num_rows)] = True
+    return is_end[1:]
+
+
+def _shift(flat: Tensor, fill, last: Tensor) -> Tensor:
+    """``out[r] = flat[r + 1]`` within each sequence, ``fill`` where ``last`` marks a sequence's end."""
+    nxt = torch.cat([flat[1:], flat.new_full((1,), fill)])
     return torch.where(last, flat.new_full((), fill), nxt)
 
 
