@@ -44,10 +44,14 @@ Runs on the CPU only (no kernel executes). What it does:
 Usage::
 
     python tests/compile_for_gpu.py [--sets test,G1,G2] [--jobs N] [--json OUT.json] [--table OUT.md]
-                                    [--compare OTHER.json] [--distinct]
+                                    [--compare OTHER.json] [--distinct] [--pairwise]
 
-``--distinct`` (what CI's test runs; ``SPO_LONG_TESTS=1`` runs them all) compiles one test-set variant per
-code path: variants that differ only in which integer arguments are divisible by 16 are left out.
+``--distinct`` compiles one test-set variant per code path: variants that differ only in which integer
+arguments are divisible by 16 are left out. ``--pairwise`` (what CI's test runs; ``SPO_LONG_TESTS=1`` runs
+them all) then keeps, per kernel, the test-set variants that cover every value of every code-path feature
+(dtype, warps, stages, each constexpr, the ints specialized to 1, the unaligned pointers) and every pair of
+values that the launchers combine, the way the conformance tests cover their options; the benchmark sets
+G1 / G2 are always compiled whole.
 
 Prints one line per variant; exits 1 if a variant fails to compile, a kernel of the kernel files is never
 launched, or the spill probe fails. Spills are reported, not judged: ``tests/test_compile_for_gpu.py``
@@ -62,6 +66,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -183,6 +188,7 @@ def variant_key(d: dict) -> str:
 
 
 VARIANTS: dict = {}  # dedup key -> Variant, in first-launch order
+LEFT_OUT: list = []  # descriptions of the variants --distinct / --pairwise did not compile, with "left_out": why
 KERNELS: list = []  # every "*_kernel" JITFunction of the kernel files (KERNEL_MODULES)
 _current_set = ["test"]
 
@@ -379,10 +385,52 @@ def keep_distinct() -> int:
             if benchmark_first or code_path not in seen:
                 kept[key] = v
             seen.add(code_path)
-    dropped = len(VARIANTS) - len(kept)
+    return _keep(kept, "differs from a compiled variant only in integer divisibility")
+
+
+def _code_path_features(d: dict) -> dict:
+    """What selects a variant's code path: dtype, launch options, every constexpr, the ints specialized to 1
+    and the unaligned pointers (one feature each, JSON-encoded values)."""
+    f = {"dtype": d["dtype"], "num_warps": d["num_warps"], "num_stages": d["num_stages"],
+         "ints_equal_1": json.dumps(d["ints_equal_1"]), "unaligned_pointers": json.dumps(d["unaligned_pointers"])}
+    f.update({f"constexpr {k}": json.dumps(v) for k, v in d["constexprs"].items()})
+    return f
+
+
+def feature_pairs(d: dict) -> set:
+    """Every code-path feature value of a variant, alone and in pairs: what ``--pairwise`` covers."""
+    items = sorted(_code_path_features(d).items())
+    return {(a,) for a in items} | set(itertools.combinations(items, 2))
+
+
+def keep_pairwise() -> int:
+    """Keep, per kernel, every benchmark-set (G1 / G2) variant and a greedy subset of the test-set ones in
+    which every value of every code-path feature (:func:`_code_path_features`), and every pair of values of
+    two features that some variant combines, appears at least once: what a front-end or codegen error of one
+    flag, or of two flags together, needs to show. Deterministic (ties go to the first launched). Returns
+    how many were dropped."""
+    kept = {}
+    for kernel in dict.fromkeys(v.name for v in VARIANTS.values()):
+        mine = [(k, v) for k, v in VARIANTS.items() if v.name == kernel]
+        covers = {k: feature_pairs(v.describe()) for k, v in mine}
+        chosen = [k for k, v in mine if set(v.shape_sets) != {"test"}]
+        covered = set().union(set(), *(covers[k] for k in chosen))
+        needed = set().union(*covers.values())
+        while needed - covered:
+            best = max((k for k, _ in mine), key=lambda k: len(covers[k] - covered))  # max: first of the ties
+            chosen.append(best)
+            covered |= covers[best]
+        kept.update((k, VARIANTS[k]) for k in chosen)
+    return _keep(kept, "its code-path features are covered pairwise")
+
+
+def _keep(kept: dict, why: str) -> int:
+    """Keep only ``kept`` in VARIANTS (in first-launch order); the others go to LEFT_OUT. Returns how many."""
     order = list(VARIANTS)
+    LEFT_OUT.extend(dict(v.describe(), left_out=why) for k, v in VARIANTS.items() if k not in kept)
+    dropped = len(VARIANTS) - len(kept)
     VARIANTS.clear()
-    VARIANTS.update(sorted(kept.items(), key=lambda kv: order.index(kv[0])))  # first-launch order
+    VARIANTS.update(sorted(kept.items(), key=lambda kv: order.index(kv[0])))
     return dropped
 
 
@@ -658,7 +706,10 @@ def main(argv=None) -> int:
     ap.add_argument("--table", help="write the markdown table here")
     ap.add_argument("--compare", help="a --json report from another Triton version, compared in the table")
     ap.add_argument("--distinct", action="store_true",
-                    help="compile one test-set variant per code path (see keep_distinct); CI's quick run")
+                    help="compile one test-set variant per code path (see keep_distinct)")
+    ap.add_argument("--pairwise", action="store_true",
+                    help="then only the test-set variants that cover every code-path feature value and pair of "
+                         "values (see keep_pairwise); CI's quick run")
     args = ap.parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
     if set(sets) - set(SHAPE_SETS):
@@ -666,10 +717,13 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     record(sets)
-    dropped = keep_distinct() if args.distinct else 0
+    dropped = keep_distinct() if args.distinct or args.pairwise else 0
+    uncovered = keep_pairwise() if args.pairwise else 0
     print(f"triton {triton.__version__}: {len(VARIANTS)} kernel variants to compile for sm_90 "
           f"(recorded in {time.time() - t_start:.1f}s, {args.jobs} processes"
-          f"{f'; {dropped} differing only in integer divisibility left out' if dropped else ''})", flush=True)
+          f"{f'; {dropped} differing only in integer divisibility left out' if dropped else ''}"
+          f"{f'; {uncovered} whose code-path features are all covered pairwise left out' if uncovered else ''})",
+          flush=True)
     launched = {v.name for v in VARIANTS.values()}
     missing = sorted(set(KERNELS) - launched)
 
@@ -692,7 +746,7 @@ def main(argv=None) -> int:
         "triton": triton.__version__, "torch": torch.__version__.split("+")[0], "ptxas": _ptxas_version(),
         "target": "cuda sm_90 (sm_90a)", "sm_count": SM_COUNT, "shape_sets": sets, "kernels": sorted(KERNELS),
         "missing_kernels": missing, "compile_seconds": round(compile_s, 1), "jobs": args.jobs,
-        "variants": ok, "failed": failed, "spilling_variants": spilling, "spill_probe": probe,
+        "variants": ok, "failed": failed, "left_out": LEFT_OUT, "spilling_variants": spilling, "spill_probe": probe,
     }
     if args.json:
         with open(args.json, "w") as f:
