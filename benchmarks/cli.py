@@ -79,6 +79,20 @@ def write_outputs(lines, out_dir: str, name: str, title: str, device: str, comma
     return ts
 
 
+def claim_default_name(out_dir: str, stem: str) -> str:
+    """``{stem}-{YYYYmmdd-HHMMSS}``, with ``-2``, ``-3``, ... when a run of the same second has it: the name's
+    JSON-lines file is created here exclusively, so two runs, even concurrent ones, never share a name."""
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 10_000):
+        name = base if n == 1 else f"{base}-{n}"
+        try:
+            os.close(os.open(os.path.join(out_dir, f"{name}.jsonl"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return name
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free output name for {base} in {out_dir}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
@@ -108,19 +122,27 @@ def main(argv=None) -> int:
         shapes = list(dict.fromkeys(replace(s, **overrides) for s in shapes))
     methods = args.methods.split(",") if args.methods else None  # None: each workload's own list
 
-    stem = args.preset or shapes[0].key
-    name = args.name or f"{stem}-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}"
     os.makedirs(args.out_dir, exist_ok=True)
-    jsonl = os.path.join(args.out_dir, f"{name}.jsonl")
-    if os.path.exists(jsonl):
-        os.remove(jsonl)  # an explicit --name that exists: this run replaces it
+    if args.name:
+        name = args.name
+        jsonl = os.path.join(args.out_dir, f"{name}.jsonl")
+        if os.path.exists(jsonl):
+            os.remove(jsonl)  # an explicit --name that exists: this run replaces it
+    else:
+        name = claim_default_name(args.out_dir, f"{args.preset or shapes[0].key}-{args.device}")
+        jsonl = os.path.join(args.out_dir, f"{name}.jsonl")
     ref_dir = os.path.join(args.out_dir, f".ref-{name}")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     lines = []
     try:
-        for s in shapes:  # a method list may not fit both workloads: each shape runs its own methods
-            ms = methods or METHODS[s.workload]
-            lines = runner.run([s], ms, args.device, jsonl, ref_dir, args.repeats, tag=name, resume=True, log=log)
+        # Shapes that run the same methods share the workers (a method list may not fit both workloads: by
+        # default each workload runs its own).
+        groups = {}
+        for s in shapes:
+            groups.setdefault(tuple(methods or METHODS[s.workload]), []).append(s)
+        for ms, group in groups.items():
+            lines = runner.run(group, list(ms), args.device, jsonl, ref_dir, args.repeats, tag=name, resume=True,
+                               log=log)
     finally:
         import shutil
         shutil.rmtree(ref_dir, ignore_errors=True)

@@ -13,6 +13,7 @@ same loss: DPO sigmoid, beta 0.1, on summed completion log-probs. Methods that c
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable, Dict
 
 import torch
@@ -22,6 +23,11 @@ import spo_kernels as sk
 
 from .workloads import BETA, dpo_sigmoid
 
+
+# torch.compile's backend for "compile". The GPU harness's CPU dry runs set "aot_eager" (Dynamo's capture and
+# AOT autograd, no code generation): inductor on a CPU builds C++, not the Triton code a GPU run measures, at
+# about 5 s a step that checks nothing of it. Every measuring run, CPU ones included, uses inductor.
+COMPILE_BACKEND = os.environ.get("SPO_BENCH_COMPILE_BACKEND", "inductor")
 
 # name -> what it is (the CLI lists these; ``build`` raises Unavailable for anything else).
 METHODS = {
@@ -222,7 +228,7 @@ def _build_linear(method, inp, device, h, W):
     if method in ("eager", "compile"):
         fn = _eager_linear_loss
         if method == "compile":
-            fn = torch.compile(_eager_linear_loss)
+            fn = torch.compile(_eager_linear_loss, backend=COMPILE_BACKEND)
 
         def step():
             loss = fn(h, W, labels, rh, rW)
@@ -298,7 +304,7 @@ def _build_logits(method, inp, device):
         return {"loss": loss.detach(), "grads": {"logits": g}}
 
     if method in ("eager", "compile"):
-        fn = _eager_logits_loss if method == "eager" else torch.compile(_eager_logits_loss)
+        fn = _eager_logits_loss if method == "eager" else torch.compile(_eager_logits_loss, backend=COMPILE_BACKEND)
 
         def step():
             return finish(fn(produce(), labels, ref, S), step)

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Callable, List, Optional
 
+from .methods import METHODS
 from .worker import append_line, ref_path
 from .workloads import Shape
 
@@ -107,6 +108,11 @@ def run(shapes: List[Shape], methods: List[str], device: str, jsonl: str, ref_di
         todo = [s for s in shapes if s.key not in measured(m)]
         if not todo:
             log(f"{m}: already measured")
+            continue
+        if m not in METHODS:  # said without starting a worker
+            for s in todo:
+                log("  " + one_line(not_measured(m, s, "unavailable",
+                                                 f"unknown method {m!r} for the {s.workload} workload")))
             continue
         if left() <= 5:
             for s in todo:

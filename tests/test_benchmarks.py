@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,15 +39,21 @@ def test_cli_writes_table_json_and_png(tmp_path):
 def test_cli_default_output_is_outside_the_package_and_never_overwrites(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--workload", "logits", "--P", "1", "--T", "8", "--V", "33",
            "--methods", "spo_torch", "--repeats", "1"]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    names = set()
-    for _ in range(2):
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        names |= {p for p in os.listdir(tmp_path / "runs" / "bench") if p.endswith(".jsonl")}
-        time.sleep(1.1)
-    assert len(names) == 2, names  # two runs, two files
-    assert not os.path.exists(os.path.join(ROOT, "benchmarks", "results", next(iter(names))))
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "bench"
+    (name,) = [p[:-len(".jsonl")] for p in os.listdir(out) if p.endswith(".jsonl")]
+    assert re.fullmatch(r"logits-P1-T8-V33-fp32-c0\.5-random-cpu-\d{8}-\d{6}", name), name
+    assert (out / f"{name}.md").read_text().count("| spo (torch) |") == 1
+    assert not os.path.exists(os.path.join(ROOT, "benchmarks", "results", f"{name}.jsonl"))
+    # runs started in the same second (the clock stopped here) get names of their own
+    from benchmarks import cli
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with mock.patch.object(cli.time, "strftime", return_value=stamp):
+        names = [cli.claim_default_name(str(out), "same") for _ in range(3)]
+    assert names == [f"same-{stamp}", f"same-{stamp}-2", f"same-{stamp}-3"]
+    assert all((out / f"{n}.jsonl").exists() for n in names)
 
 
 def test_pytest_benchmark_suite_runs(tmp_path):

@@ -20,7 +20,8 @@ Steps stop starting new methods when ``--budget-s`` (default 450 s) is spent and
 
 ``--dry-run`` runs the same code on the CPU at tiny shapes (Triton through the interpreter): input
 drawing, the float64 reference, the correctness gate, result writing and every peer adapter that runs
-on a CPU. CI runs each step's dry run (tests/test_gpu_harness.py).
+on a CPU (``compile`` through torch.compile's ``aot_eager`` backend: inductor would build C++ on a CPU, not
+the Triton code a GPU run measures). CI runs each step's dry run (tests/test_gpu_harness.py).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def _env(dry_run: bool, log) -> dict:
     if dry_run:
         env["TRITON_INTERPRET"] = "1"
         env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        env.setdefault("SPO_BENCH_COMPILE_BACKEND", "aot_eager")  # benchmarks/methods.py says why
     else:
         env.pop("TRITON_INTERPRET", None)
         wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
