@@ -36,9 +36,19 @@ def _torchrun(script, *args, timeout=180):
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp_root", "fsdp_head"])
-def test_parallel_equals_single_process(mode):
-    info = _torchrun("check_parallel.py", mode)
+MODES = ["ddp", "fsdp_root", "fsdp_head"]
+
+
+@pytest.fixture(scope="module")
+def parallel_checks():
+    """The three modes in one launch (each on models of its own): ``{mode: what it found}``."""
+    return _torchrun("check_parallel.py", ",".join(MODES))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_parallel_equals_single_process(parallel_checks, mode):
+    info = parallel_checks[mode]
+    assert info["mode"] == mode
     assert info["world"] == 2 and info["ranks_in_sync"]
     assert info["loss_err"] < 1e-5 and info["grad_err"] < 1e-5 and info["param_err_after_step"] < 1e-5, info
     if mode == "ddp":

@@ -1,11 +1,12 @@
-"""Run with ``torchrun --nproc_per_node 2 tests/dist/check_parallel.py MODE`` (gloo, CPU); MODE is ``ddp``,
-``fsdp_root`` (FSDP2, the LM head sharded with the root) or ``fsdp_head`` (the head its own unit).
+"""Run with ``torchrun --nproc_per_node 2 tests/dist/check_parallel.py MODE[,MODE...]`` (gloo, CPU); a MODE
+is ``ddp``, ``fsdp_root`` (FSDP2, the LM head sharded with the root) or ``fsdp_head`` (the head its own
+unit). The modes run one after the other in the same process group, each on models of its own.
 
 Each rank holds half of a global batch of preference pairs; the loss runs inside the model's forward
 through spo_kernels.integrations.hf. Checked against one process on the whole batch: the mean loss over
 ranks, every parameter gradient after the wrapper's reduction, the parameters after an SGD step, and
 (DDP) that the ranks hold identical parameters. Prints one ``RESULT {json}`` line on rank 0; exits 1 on
-a mismatch."""
+a mismatch in any mode. The line maps each mode to what it found."""
 
 import copy
 import os
@@ -57,8 +58,7 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def main(mode):
-    dist.init_process_group("gloo")
+def check(mode):
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = PreferenceLossConfig(beta=0.1, loss_type="sigmoid", spo_lambda=1.0, spo_margin=0.5)
     ids, am, labels, ref = global_batch()
@@ -138,7 +138,13 @@ def main(mode):
     return info
 
 
+def passed(info):
+    return (info.get("tp_head", "TypeError") == "TypeError" and info.get("anchor_err", 0.0) < TOL
+            and info["loss_err"] < TOL and info["grad_err"] < TOL and info["param_err_after_step"] < TOL
+            and info["ranks_in_sync"])
+
+
 if __name__ == "__main__":
-    info = main(sys.argv[1])
-    ok = info.get("tp_head", "TypeError") == "TypeError" and info.get("anchor_err", 0.0) < TOL and info["loss_err"] < TOL and info["grad_err"] < TOL and info["param_err_after_step"] < TOL and info["ranks_in_sync"]
-    report_and_exit(info, ok)
+    dist.init_process_group("gloo")
+    infos = {mode: check(mode) for mode in sys.argv[1].split(",")}
+    report_and_exit(infos, all(map(passed, infos.values())))
