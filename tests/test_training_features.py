@@ -87,9 +87,14 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(kind):
     for key in a.metrics:
         torch.testing.assert_close(b.metrics[key], a.metrics[key], rtol=1e-9, atol=1e-12, msg=key)
     assert float(a.metrics["spo/active_fraction"]) not in (0.0, 1.0)  # both sides of the kink are exercised
+    # Gradients, rel (norm): float64 rounding with SDPA; with eager attention HF takes the softmax in fp32
+    # even for a float64 model, and padded rows sum it over more (masked) positions than packed ones: a few
+    # fp32 roundings (seen: 3e-9 on one thread, 0 on two).
+    grad_tol = {"llama-eager": 1e-7, "qwen2-sdpa": 1e-12}[kind]
     for n in grads_a:
         assert grads_a[n].abs().sum() > 0, n
-        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-8, atol=1e-12, msg=n)
+        rel = float((grads_b[n] - grads_a[n]).norm() / grads_a[n].norm())
+        assert rel <= grad_tol, (n, rel)
 
 
 @pytest.mark.parametrize("objective", ["preference", "sft"])
