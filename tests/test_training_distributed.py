@@ -18,7 +18,9 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 from training import TrainConfig, train  # noqa: E402
+from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data import write_preference_jsonl  # noqa: E402
+from training.distributed import Runtime  # noqa: E402
 from training.modeling import load_model  # noqa: E402
 from training.task import make_pairs, make_problems  # noqa: E402
 
@@ -150,8 +152,10 @@ def test_killed_fsdp2_run_resumes_bit_for_bit(data_file, tmp_path, fsdp2_run):
 
 
 def test_fsdp2_checkpoint_refuses_another_world_size(data_file, fsdp2_run):
+    """The FSDP2 run's checkpoint (2 processes) resumed by 1 process: refused, saying why, before any shard is
+    read (in this process: the check comes before anything distributed)."""
     out, _ = fsdp2_run
-    proc = torchrun(["-m", "training", "train", "--data", data_file, "--out-dir", str(out), "--dist", "fsdp2",
-                     "--device", "cpu", "--resume"] + _flags(dict(RUN, batch_size=8)), nproc=1, check=False)
-    assert proc.returncode != 0
-    assert "same world size" in proc.stderr
+    cfg = TrainConfig(**dict(RUN, data=data_file, out_dir=str(out), dist="fsdp2", device="cpu"))
+    one = Runtime(mode="fsdp2", rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"dist='fsdp2' on 2 process\(es\); this run is dist='fsdp2' on 1 .*same world size"):
+        load_checkpoint(cfg, one, None, None, None, None)
