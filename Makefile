@@ -15,8 +15,9 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# One pytest-xdist worker per core, a test file to a worker (module fixtures run once).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 demo: $(VENV)/.installed
 	$(PY) -m training demo --out runs/demo
