@@ -25,8 +25,8 @@ from .workloads import BETA, dpo_sigmoid
 
 
 # torch.compile's backend for "compile". The GPU harness's CPU dry runs set "aot_eager" (Dynamo's capture and
-# AOT autograd, no code generation): inductor on a CPU builds C++, not the Triton code a GPU run measures, at
-# about 5 s a step that checks nothing of it. Every measuring run, CPU ones included, uses inductor.
+# AOT autograd, no code generation): inductor on a CPU builds C++, not the Triton code a GPU run measures (a
+# dry run's compile row: 6 s with inductor, 4 s without). Every measuring run, CPU ones included, uses inductor.
 COMPILE_BACKEND = os.environ.get("SPO_BENCH_COMPILE_BACKEND", "inductor")
 
 # name -> what it is (the CLI lists these; ``build`` raises Unavailable for anything else).
