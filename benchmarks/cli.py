@@ -123,14 +123,10 @@ def main(argv=None) -> int:
     methods = args.methods.split(",") if args.methods else None  # None: each workload's own list
 
     os.makedirs(args.out_dir, exist_ok=True)
-    if args.name:
-        name = args.name
-        jsonl = os.path.join(args.out_dir, f"{name}.jsonl")
-        if os.path.exists(jsonl):
-            os.remove(jsonl)  # an explicit --name that exists: this run replaces it
-    else:
-        name = claim_default_name(args.out_dir, f"{args.preset or shapes[0].key}-{args.device}")
-        jsonl = os.path.join(args.out_dir, f"{name}.jsonl")
+    name = args.name or claim_default_name(args.out_dir, f"{args.preset or shapes[0].key}-{args.device}")
+    jsonl = os.path.join(args.out_dir, f"{name}.jsonl")
+    if args.name and os.path.exists(jsonl):
+        os.remove(jsonl)  # an explicit --name that exists: this run replaces it
     ref_dir = os.path.join(args.out_dir, f".ref-{name}")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     lines = []

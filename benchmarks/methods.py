@@ -50,6 +50,11 @@ class Unavailable(Exception):
     """The method cannot run here (missing package or device)."""
 
 
+def unknown_method(method: str, workload: str) -> str:
+    """The reason given for a method name that is not in METHODS."""
+    return f"unknown method {method!r} for the {workload} workload"
+
+
 # ---- eager PyTorch, as TRL's DPOTrainer computes it ---------------------------------------------
 
 def eager_sequence_logps(logits, labels):
@@ -267,7 +272,7 @@ def _build_linear(method, inp, device, h, W):
         policy, reference = _trl_logps(labels)
         return _logps_step(policy, reference, h, W, rh, rW)
 
-    raise Unavailable(f"unknown method {method!r} for the linear workload")
+    raise Unavailable(unknown_method(method, "linear"))
 
 
 def _logits_source(buf):
@@ -322,4 +327,4 @@ def _build_logits(method, inp, device):
 
     if method in METHODS:
         raise Unavailable(f"{method} has no logits-path form (it takes hidden states and the head)")
-    raise Unavailable(f"unknown method {method!r} for the logits workload")
+    raise Unavailable(unknown_method(method, "logits"))

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Callable, List, Optional
 
-from .methods import METHODS
+from .methods import METHODS, unknown_method
 from .worker import append_line, ref_path
 from .workloads import Shape
 
@@ -111,8 +111,7 @@ def run(shapes: List[Shape], methods: List[str], device: str, jsonl: str, ref_di
             continue
         if m not in METHODS:  # said without starting a worker
             for s in todo:
-                log("  " + one_line(not_measured(m, s, "unavailable",
-                                                 f"unknown method {m!r} for the {s.workload} workload")))
+                log("  " + one_line(not_measured(m, s, "unavailable", unknown_method(m, s.workload))))
             continue
         if left() <= 5:
             for s in todo:
