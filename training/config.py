@@ -145,7 +145,7 @@ class TrainConfig:
                 raise ValueError(f"loss_options: {key!r} is a TrainConfig field of its own; set it there")
         if self.objective == "preference":
             loss = self.loss_config()  # validates the loss fields early, with the library's messages
-            ld_alpha = getattr(loss, "ld_alpha", None)
+            ld_alpha = loss.ld_alpha
             if ld_alpha is not None and ld_alpha != 1.0 and loss.needs_reference:
                 # LD-DPO weighs the reference's tokens too; the trainer's reference log-probs (the cache, or
                 # the frozen model's forward) are plain sums, which would be silently wrong here.
@@ -153,18 +153,16 @@ class TrainConfig:
                                  f"by the trainer (its reference log-probs are unweighted sums); use a "
                                  f"reference-free loss or leave ld_alpha unset")
 
-    def loss_config(self, softcap: Optional[float] = None, **model_owned) -> PreferenceLossConfig:
-        """The loss configuration; ``softcap`` and any other model-owned field (``logit_multiplier``)
-        come from the model."""
-        loss_type = self.loss_type if isinstance(self.loss_type, str) else list(self.loss_type)
-        if isinstance(loss_type, list) and len(loss_type) == 1:
-            loss_type = loss_type[0]
+    def loss_config(self, softcap: Optional[float] = None) -> PreferenceLossConfig:
+        """The loss configuration; ``softcap`` comes from the model (the trainer refuses models that
+        scale their logits otherwise, see ``modeling.lm_head``)."""
+        loss_type = self.loss_type if isinstance(self.loss_type, str) else tuple(self.loss_type)
         return PreferenceLossConfig(
             beta=self.beta, loss_type=loss_type, label_smoothing=self.label_smoothing,
             reference_free=bool(self.reference_free), sft_weight=self.sft_weight,
             simpo_gamma=self.simpo_gamma, spo_lambda=self.spo_lambda,
             spo_margin=self.spo_margin, spo_normalize=self.spo_normalize, spo_anchor=self.spo_anchor,
-            softcap=softcap, **self.loss_options, **model_owned)
+            softcap=softcap, **self.loss_options)
 
     @property
     def uses_one_step_anchor(self) -> bool:

@@ -153,11 +153,6 @@ def wrap(runtime: Runtime, module: torch.nn.Module, hf_model, trainable: bool = 
     return module
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(
-        module, torch.nn.parallel.DistributedDataParallel) else module
-
-
 def total_grad_norm(params, max_norm: float, runtime: Runtime) -> float:
     """Clip to ``max_norm`` (0 = no clipping) and return the global norm before clipping (FSDP2's
     sharded gradients included)."""

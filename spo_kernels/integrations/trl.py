@@ -32,8 +32,6 @@ from ..config import PreferenceLossConfig
 from .anchor import one_step_anchor
 from .hf import enable_fused_head, ld_token_weights, shift_labels
 
-# The TRL versions this module is tested against (the `trl` extra pins the same range).
-TESTED_TRL = ">=1.16.0,<1.17"
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
@@ -93,10 +91,6 @@ def spo_loss_config(args) -> PreferenceLossConfig:
         return PreferenceLossConfig(**options)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"SPOConfig: {exc}") from exc
-
-
-def _loss_types(cfg):
-    return [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
 
 
 class SPOTrainer(DPOTrainer):
@@ -191,10 +185,9 @@ class SPOTrainer(DPOTrainer):
             batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "labels": labels}
             anchor = one_step_anchor(self.accelerator.unwrap_model(model), batch, alpha, cfg.spo_normalize,
                                      self._spo_backend, shift_labels=True)
-        # TRL 1.16's bco_pair has no reward shift: pass 0 (the package's default shift is the batch mean).
-        bco_delta = torch.zeros((), device=ref_logps.device) if "bco_pair" in _loss_types(cfg) else None
+        # TRL 1.16's bco_pair has no reward shift: neither has the package's, by default.
         out = model(**model_kwargs, labels=labels, spo_loss=cfg, spo_ref_logps=ref_logps, spo_anchor=anchor,
-                    spo_token_stats=True, spo_bco_delta=bco_delta)
+                    spo_token_stats=True)
         self._log_metrics(mode, inputs, out, ref_logps)
         if return_outputs:
             warnings.warn("return_outputs=True recomputes the full logits with an extra forward pass (for "

@@ -421,9 +421,9 @@ def loss_step(policy_logps: Tensor, counts: Tensor, ref_logps, cfg, anchor=None,
     P = S // 2
     if tuple(counts.shape) != (S,):
         raise ValueError(f"counts must be [{S}], got {tuple(counts.shape)}")
-    check_seq_stats(seq_stats, S, cfg)
-    if not uses_kernel(cfg):
+    if not uses_kernel(cfg):  # it checks seq_stats itself
         return preference_loss_step(policy_logps, counts, ref_logps, cfg, anchor, bco_delta, seq_stats=seq_stats)
+    check_seq_stats(seq_stats, S, cfg)
     device = policy_logps.device
     acc_torch = torch.promote_types(policy_logps.dtype, torch.float32)
     if acc_torch not in (torch.float32, torch.float64):
